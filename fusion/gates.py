@@ -1,0 +1,36 @@
+"""Quality-gate thresholds for registrations (standard library only).
+
+The pipeline builds these from the configuration (``[fusion.volume_gate]`` and
+``[fusion.surface_gate]`` tables; every field here is a configuration key).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class VolumeGateThresholds:
+    """Thresholds for volume-to-volume (rigid, mutual information) registrations.
+
+    A figure beyond a ``reject`` threshold rejects the fusion; beyond a ``review``
+    threshold (but within the reject one) it is routed to review.
+    """
+
+    min_overlap_fraction: float = 0.20  # reject below: fraction of the moving volume's body inside the fixed grid
+    review_overlap_fraction: float = 0.35  # review below
+    max_final_metric: float = -0.10  # reject above (Mattes MI is reported negated: lower is better)
+    max_consistency_mm: float = 0.5  # review above: disagreement between independent runs (landmark-free)
+    reject_consistency_mm: float = 2.0  # reject above
+    require_convergence: bool = True  # reject when the optimizer hit its iteration limit without converging
+
+
+@dataclass(frozen=True)
+class SurfaceGateThresholds:
+    """Thresholds for scan-to-CBCT surface registrations."""
+
+    inlier_distance_mm: float = 0.3  # a scan vertex within this distance (and agreeing normal) is an inlier
+    max_inlier_rms_mm: float = 0.15  # reject above: RMS distance of inlier scan vertices to the CBCT surface
+    min_inlier_fraction: float = 0.25  # reject below
+    review_inlier_fraction: float = 0.32  # review below
+    min_hypothesis_margin: float = 0.08  # review below: best minus second-best distinct hypothesis inlier fraction

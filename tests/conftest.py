@@ -1,0 +1,59 @@
+"""Shared test fixtures.
+
+Peers (dcmtk, dicom3tools, orthanc, elastix) are found on PATH. A test that needs one
+calls :func:`require_peer`; it skips when the peer is missing, or fails when
+``DENTFUSE_REQUIRE_PEERS=1`` (as in CI), so CI cannot pass by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SMALL_SET = REPO_ROOT / "test_volumes" / "small"
+
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+def peers_required() -> bool:
+    return os.environ.get("DENTFUSE_REQUIRE_PEERS", "") not in ("", "0", "false", "no")
+
+
+def require_peer(*programs: str) -> dict[str, str]:
+    """Return {program: path} for programs on PATH, or skip (fail under REQUIRE_PEERS)."""
+    found: dict[str, str] = {}
+    missing = []
+    for prog in programs:
+        path = shutil.which(prog)
+        if path is None:
+            missing.append(prog)
+        else:
+            found[prog] = path
+    if missing:
+        msg = f"peer program(s) not installed: {', '.join(missing)} (see .ci/run for the apt packages)"
+        if peers_required():
+            pytest.fail(msg + " and DENTFUSE_REQUIRE_PEERS=1")
+        pytest.skip(msg)
+    return found
+
+
+def free_port() -> int:
+    """An ephemeral TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def small_set() -> Path:
+    """The committed small synthetic set (``test_volumes/small``)."""
+    if not (SMALL_SET / "ground_truth.json").is_file():
+        pytest.fail(f"{SMALL_SET} is missing; run python test_volumes/generate.py --out {SMALL_SET}")
+    return SMALL_SET

@@ -1,0 +1,451 @@
+"""Checking and accepting one instance: the path shared by the network listener and
+``dentfuse import``.
+
+:func:`inspect_instance` reads only what it must from a Part 10 file (file meta, the
+top-level element headers, the few attributes we index) and checks that the dataset is
+structurally complete (no element runs past the end of the file), that the SOP class and
+instance match what the sender announced, and that every UID is valid before it is used
+in a path. :func:`accept_instance` then stores the file durably, indexes it and applies
+the duplicate policy. :func:`ingest_file` imports an existing file through the same checks.
+:func:`reconcile_store` repairs the store/index after a crash (run at start-up).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from pydicom.dataset import Dataset
+from pydicom.filereader import data_element_generator, read_preamble, _read_file_meta_info
+from pydicom.tag import Tag
+
+from dicom_node.errors import (
+    InstanceRejected,
+    InvalidUIDError,
+    NodeIndexError,
+    StorageError,
+)
+from dicom_node.index import InstanceIndex, iso_utc
+from dicom_node.records import ReceivedInstance
+from dicom_node.sop_classes import DEFLATED_TRANSFER_SYNTAX, TRANSFER_SYNTAXES, kind_of
+from dicom_node.status import Status
+from dicom_node.storage import InstanceStore, is_disk_full
+from dicom_node.uids import check_uid
+
+LOG = logging.getLogger(__name__)
+
+DEFER_SIZE = 1024  # element values above this are skipped, not read
+MAX_INFLATED_BYTES = 4 << 30  # a deflated dataset may not inflate beyond 4 GiB
+_IMPLICIT = "1.2.840.10008.1.2"
+
+_WANTED = {
+    Tag(0x0008, 0x0016): "SOPClassUID",
+    Tag(0x0008, 0x0018): "SOPInstanceUID",
+    Tag(0x0020, 0x000D): "StudyInstanceUID",
+    Tag(0x0020, 0x000E): "SeriesInstanceUID",
+    Tag(0x0010, 0x0020): "PatientID",
+    Tag(0x0010, 0x0021): "IssuerOfPatientID",
+    Tag(0x0008, 0x0060): "Modality",
+    Tag(0x0008, 0x0005): "SpecificCharacterSet",
+}
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """What the node needs to know about an instance (no patient names)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    patient_id: str
+    issuer_of_patient_id: str
+    modality: str
+    transfer_syntax_uid: str
+    dataset_offset: int  # where the dataset starts (after the File Meta group)
+    size_bytes: int  # file size
+    sha256: str  # of the dataset bytes as received (File Meta excluded)
+
+    @property
+    def patient_key(self) -> str:
+        pid, issuer = self.patient_id, self.issuer_of_patient_id
+        return f"{pid}^{issuer}" if issuer else pid
+
+
+@dataclass(frozen=True)
+class AcceptResult:
+    """The outcome of :func:`accept_instance`.
+
+    ``outcome`` is one of ``stored``, ``duplicate_identical``, ``duplicate_kept_first``,
+    ``duplicate_replaced``; ``instance`` is the record now in the index; ``is_new`` says
+    whether the index changed (a consumer should be told).
+    """
+
+    instance: ReceivedInstance
+    outcome: str
+
+    @property
+    def is_new(self) -> bool:
+        return self.outcome in ("stored", "duplicate_replaced")
+
+
+def inspect_instance(
+    path: Path,
+    expected_sop_class_uid: str | None = None,
+    expected_sop_instance_uid: str | None = None,
+) -> InstanceHeader:
+    """Read and check the header of a Part 10 file without loading pixel data.
+
+    Parameters
+    ----------
+    path:
+        A file with preamble, ``DICM`` and File Meta Information.
+    expected_sop_class_uid:
+        The abstract syntax of the presentation context it arrived on (None: any).
+    expected_sop_instance_uid:
+        The Affected SOP Instance UID of the C-STORE request (None: not checked).
+
+    Returns
+    -------
+    InstanceHeader
+
+    Raises
+    ------
+    InstanceRejected
+        With the DIMSE status to answer and a reason (never raises anything else for
+        bad input; OS errors reading the file become ``PROCESSING_FAILURE``).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            try:
+                read_preamble(fh, False)
+                meta = _read_file_meta_info(fh)
+            except Exception as exc:  # noqa: BLE001 - any decoding failure is the sender's
+                raise InstanceRejected(Status.CANNOT_UNDERSTAND,
+                                       f"unreadable File Meta Information ({type(exc).__name__}: {exc})")
+            offset = fh.tell()
+            ts = str(meta.get("TransferSyntaxUID", "") or "")
+            if not ts:
+                raise InstanceRejected(Status.CANNOT_UNDERSTAND_MISSING_ATTRIBUTE,
+                                       "File Meta Information has no TransferSyntaxUID")
+            if ts not in TRANSFER_SYNTAXES:
+                raise InstanceRejected(Status.CANNOT_UNDERSTAND,
+                                       f"transfer syntax {ts[:64]} is not accepted")
+            attrs = _scan_dataset(fh, size, ts)
+        sha = _sha256_from(path, offset)
+    except InstanceRejected:
+        raise
+    except OSError as exc:
+        status = Status.OUT_OF_RESOURCES if is_disk_full(exc) else Status.PROCESSING_FAILURE
+        raise InstanceRejected(status, f"cannot read the received file: {exc}") from exc
+
+    def required(name: str) -> str:
+        value = attrs.get(name, "")
+        if not value:
+            raise InstanceRejected(Status.CANNOT_UNDERSTAND_MISSING_ATTRIBUTE, f"{name} is missing or empty")
+        return value
+
+    sop_class = required("SOPClassUID")
+    sop_inst = required("SOPInstanceUID")
+    study = required("StudyInstanceUID")
+    series = required("SeriesInstanceUID")
+    patient_id = required("PatientID")
+    try:
+        for name, value in (("SOPClassUID", sop_class), ("SOPInstanceUID", sop_inst),
+                            ("StudyInstanceUID", study), ("SeriesInstanceUID", series)):
+            check_uid(value, name)
+    except InvalidUIDError as exc:
+        raise InstanceRejected(Status.CANNOT_UNDERSTAND_INVALID_UID, str(exc)) from None
+    if expected_sop_class_uid is not None and sop_class != expected_sop_class_uid:
+        raise InstanceRejected(
+            Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            f"dataset SOPClassUID {sop_class} differs from the negotiated context {expected_sop_class_uid}",
+        )
+    if expected_sop_instance_uid is not None and sop_inst != expected_sop_instance_uid:
+        raise InstanceRejected(
+            Status.SOP_INSTANCE_UID_MISMATCH,
+            f"dataset SOPInstanceUID {sop_inst} differs from the C-STORE request's "
+            f"{str(expected_sop_instance_uid)[:64]}",
+        )
+    if "^" in patient_id or "\\" in patient_id or len(patient_id) > 64:
+        raise InstanceRejected(Status.CANNOT_UNDERSTAND, "PatientID contains '^' or '\\' or is too long")
+    return InstanceHeader(
+        sop_class_uid=sop_class, sop_instance_uid=sop_inst, study_instance_uid=study,
+        series_instance_uid=series, patient_id=patient_id,
+        issuer_of_patient_id=attrs.get("IssuerOfPatientID", ""),
+        modality=attrs.get("Modality", "") or "OT", transfer_syntax_uid=ts,
+        dataset_offset=offset, size_bytes=size, sha256=sha,
+    )
+
+
+def _scan_dataset(fh: BinaryIO, size: int, ts: str) -> dict[str, str]:
+    """Walk the top-level elements; check nothing runs past the end; decode a few values."""
+    if ts == DEFLATED_TRANSFER_SYNTAX:
+        with tempfile.SpooledTemporaryFile(max_size=64 << 20) as inflated:
+            n = _inflate(fh, inflated)
+            inflated.seek(0)
+            return _scan_plain(inflated, n, implicit=False)  # type: ignore[arg-type]
+    return _scan_plain(fh, size, implicit=(ts == _IMPLICIT))
+
+
+def _inflate(src: BinaryIO, dst: BinaryIO) -> int:
+    d = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    try:
+        while chunk := src.read(1 << 20):
+            buf = d.decompress(chunk)
+            while True:
+                total += len(buf)
+                if total > MAX_INFLATED_BYTES:
+                    raise InstanceRejected(Status.OUT_OF_RESOURCES,
+                                           "deflated dataset inflates beyond 4 GiB")
+                dst.write(buf)
+                if not d.unconsumed_tail:
+                    break
+                buf = d.decompress(d.unconsumed_tail)
+        tail = d.flush()
+    except zlib.error as exc:
+        raise InstanceRejected(Status.CANNOT_UNDERSTAND_TRUNCATED, f"deflated dataset is corrupt: {exc}")
+    dst.write(tail)
+    total += len(tail)
+    if not d.eof:
+        raise InstanceRejected(Status.CANNOT_UNDERSTAND_TRUNCATED, "deflated dataset is truncated")
+    return total
+
+
+def _scan_plain(fh: BinaryIO, size: int, implicit: bool) -> dict[str, str]:
+    start = fh.tell()
+    attrs: dict[str, str] = {}
+    ds = Dataset()
+    end = start
+    last_tag = -1
+    try:
+        for elem in data_element_generator(fh, implicit, True, defer_size=DEFER_SIZE):
+            end = fh.tell()
+            tag = int(elem.tag)
+            if end > size:
+                raise InstanceRejected(
+                    Status.CANNOT_UNDERSTAND_TRUNCATED,
+                    f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) declares {getattr(elem, 'length', '?')} bytes, "
+                    f"{end - size} more than were received",
+                )
+            if tag <= last_tag:
+                raise InstanceRejected(
+                    Status.CANNOT_UNDERSTAND,
+                    f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) out of order or repeated",
+                )
+            last_tag = tag
+            if tag in _WANTED and getattr(elem, "value", None) is not None:
+                ds[tag] = elem  # type: ignore[assignment]
+    except InstanceRejected:
+        raise
+    except Exception as exc:  # noqa: BLE001 - malformed input from the network
+        raise InstanceRejected(Status.CANNOT_UNDERSTAND,
+                               f"dataset cannot be parsed ({type(exc).__name__}: {str(exc)[:200]})")
+    if end != size:
+        raise InstanceRejected(Status.CANNOT_UNDERSTAND_TRUNCATED,
+                               f"dataset ends inside an element header ({size - end} stray bytes)")
+    for tag, name in _WANTED.items():
+        if tag not in ds:
+            continue
+        try:
+            value = ds[tag].value
+        except Exception as exc:  # noqa: BLE001
+            raise InstanceRejected(Status.CANNOT_UNDERSTAND, f"{name} cannot be decoded ({exc})")
+        if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+            value = "\\".join(str(v) for v in value)
+        attrs[name] = str(value).strip() if value is not None else ""
+    return attrs
+
+
+def _sha256_from(path: Path, offset: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def accept_instance(
+    tmp_path: Path,
+    store: InstanceStore,
+    index: InstanceIndex,
+    calling_ae_title: str,
+    duplicate_policy: str = "keep_first",
+    expected_sop_class_uid: str | None = None,
+    expected_sop_instance_uid: str | None = None,
+) -> AcceptResult:
+    """Check a complete temporary file, store it durably and index it.
+
+    The temporary file must be in ``store.incoming_dir`` (same file system as the final
+    place). On success it has been moved (or, for a duplicate, discarded); on failure it
+    is left for the caller to discard.
+
+    Raises
+    ------
+    InstanceRejected
+        The instance is refused; ``status`` says how (``OUT_OF_RESOURCES`` for a full
+        disk, ``PROCESSING_FAILURE`` for other local errors).
+    """
+    header = inspect_instance(tmp_path, expected_sop_class_uid, expected_sop_instance_uid)
+    received_s = index.clock()
+    try:
+        with index.uid_lock(header.sop_instance_uid):
+            existing = index.get(header.sop_instance_uid)
+            if existing is None:
+                final = store.final_path(header.study_instance_uid, header.series_instance_uid,
+                                         header.sop_instance_uid)
+                # A file without a row here was never acknowledged: safe to replace.
+                store.commit(tmp_path, final, overwrite=True)
+                rec = _record(header, final, calling_ae_title, received_s)
+                try:
+                    index.add(rec, header.patient_id, header.issuer_of_patient_id, received_s)
+                except NodeIndexError:
+                    store.remove(final)
+                    raise
+                return AcceptResult(rec, "stored")
+            if existing.sha256 == header.sha256:
+                store.discard(tmp_path)
+                LOG.info("instance %s received again with identical content from %s",
+                         header.sop_instance_uid, calling_ae_title)
+                return AcceptResult(existing, "duplicate_identical")
+            if duplicate_policy != "keep_newest":
+                store.discard(tmp_path)
+                index.record_duplicate(header.sop_instance_uid, existing.sha256, header.sha256,
+                                       duplicate_policy, "kept_first", calling_ae_title)
+                LOG.warning("instance %s received again with different content from %s; kept the "
+                            "first copy (duplicate_policy=%s)", header.sop_instance_uid,
+                            calling_ae_title, duplicate_policy)
+                return AcceptResult(existing, "duplicate_kept_first")
+            final = store.final_path(header.study_instance_uid, header.series_instance_uid,
+                                     header.sop_instance_uid, variant=header.sha256[:16])
+            if str(final) == existing.path:  # cannot happen with different hashes
+                raise InstanceRejected(Status.PROCESSING_FAILURE, "replacement path collision")
+            store.commit(tmp_path, final, overwrite=True)
+            rec = _record(header, final, calling_ae_title, received_s)
+            try:
+                index.replace(rec, existing, header.patient_id, header.issuer_of_patient_id,
+                              duplicate_policy)
+            except NodeIndexError:
+                store.remove(final)
+                raise
+            store.remove(Path(existing.path))
+            LOG.warning("instance %s received again with different content from %s; replaced "
+                        "(duplicate_policy=keep_newest)", header.sop_instance_uid, calling_ae_title)
+            return AcceptResult(rec, "duplicate_replaced")
+    except InstanceRejected:
+        raise
+    except (StorageError, NodeIndexError, OSError) as exc:
+        status = Status.OUT_OF_RESOURCES_DISK_FULL if is_disk_full(exc) else Status.OUT_OF_RESOURCES
+        raise InstanceRejected(status, f"cannot store {header.sop_instance_uid}: {exc}") from exc
+
+
+def _record(h: InstanceHeader, final: Path, calling_ae_title: str, received_s: float) -> ReceivedInstance:
+    return ReceivedInstance(
+        sop_class_uid=h.sop_class_uid, sop_instance_uid=h.sop_instance_uid,
+        series_instance_uid=h.series_instance_uid, study_instance_uid=h.study_instance_uid,
+        patient_key=h.patient_key, modality=h.modality, kind=kind_of(h.sop_class_uid),
+        path=str(final), sha256=h.sha256, size_bytes=h.size_bytes,
+        transfer_syntax_uid=h.transfer_syntax_uid, calling_ae_title=calling_ae_title,
+        received_at=iso_utc(received_s),
+    )
+
+
+def ingest_file(path: Path, store: InstanceStore, index: InstanceIndex,
+                calling_ae_title: str = "IMPORT", duplicate_policy: str = "keep_first") -> ReceivedInstance:
+    """Import an existing Part 10 file through the same checks as a network C-STORE.
+
+    The file is copied byte for byte into the store (the original is left alone).
+
+    Returns
+    -------
+    ReceivedInstance
+        The indexed record (for a duplicate: the record the index holds now).
+
+    Raises
+    ------
+    InstanceRejected
+        The file is not an acceptable instance (the message names the file and why).
+    """
+    path = Path(path)
+    tmp, fh = store.new_temp_file()
+    try:
+        with fh, open(path, "rb") as src:
+            shutil.copyfileobj(src, fh, 1 << 20)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            result = accept_instance(tmp, store, index, calling_ae_title, duplicate_policy)
+        except InstanceRejected as exc:
+            raise InstanceRejected(exc.status, f"{path}: {exc.reason}") from None
+        return result.instance
+    except OSError as exc:
+        raise InstanceRejected(Status.PROCESSING_FAILURE, f"cannot import {path}: {exc}") from exc
+    finally:
+        store.discard(tmp)
+
+
+@dataclass
+class ReconcileReport:
+    temp_files_removed: int = 0
+    reindexed: list[str] = field(default_factory=list)  # SOP UIDs
+    removed_unreferenced: list[str] = field(default_factory=list)  # paths
+    quarantined: list[str] = field(default_factory=list)  # paths of unreadable files
+    missing_rows_removed: list[str] = field(default_factory=list)  # SOP UIDs
+
+
+def reconcile_store(store: InstanceStore, index: InstanceIndex) -> ReconcileReport:
+    """Bring disk and index into agreement after a crash. Run before receiving.
+
+    * temporary files are removed;
+    * a committed file without an index row is re-indexed when it passes the checks
+      and its SOP UID has no row; when another file is indexed for that UID (an
+      interrupted keep_newest), the unreferenced file is removed; a file that fails the
+      checks is moved to ``instances/.quarantine``;
+    * an index row whose file is gone is removed (logged).
+    """
+    report = ReconcileReport(temp_files_removed=store.clean_temp_files())
+    indexed = index.all_paths()
+    on_disk: set[str] = set()
+    for path in store.iter_instance_files():
+        on_disk.add(str(path))
+        if str(path) in indexed:
+            continue
+        try:
+            header = inspect_instance(path)
+        except InstanceRejected as exc:
+            qdir = store.root / ".quarantine"
+            qdir.mkdir(exist_ok=True)
+            target = qdir / path.name
+            os.replace(path, target)
+            report.quarantined.append(str(path))
+            LOG.error("reconcile: %s fails the checks (%s); moved to %s", path, exc.reason, target)
+            continue
+        existing = index.get(header.sop_instance_uid)
+        if existing is None:
+            rec = _record(header, path, "RECOVERED", path.stat().st_mtime)
+            index.add(rec, header.patient_id, header.issuer_of_patient_id, path.stat().st_mtime)
+            report.reindexed.append(header.sop_instance_uid)
+            LOG.warning("reconcile: re-indexed %s found on disk without an index row", path)
+        else:
+            store.remove(path)
+            report.removed_unreferenced.append(str(path))
+            LOG.warning("reconcile: removed %s (not the indexed copy of %s)", path,
+                        header.sop_instance_uid)
+    for p, sop in indexed.items():
+        if p not in on_disk and not Path(p).exists():
+            index.remove(sop)
+            report.missing_rows_removed.append(sop)
+            LOG.error("reconcile: instance %s is indexed but its file %s is missing; row removed",
+                      sop, p)
+    return report

@@ -65,6 +65,7 @@ CREATE TABLE IF NOT EXISTS forward_jobs (
     transfer_syntax_uid TEXT NOT NULL,
     study_instance_uid TEXT NOT NULL,
     series_instance_uid TEXT NOT NULL,
+    patient_key TEXT NOT NULL DEFAULT '',
     path TEXT NOT NULL,
     sha256 TEXT NOT NULL,
     size_bytes INTEGER NOT NULL,
@@ -99,6 +100,7 @@ class ForwardJob:
     transfer_syntax_uid: str
     study_instance_uid: str
     series_instance_uid: str
+    patient_key: str
     path: str
     sha256: str
     size_bytes: int
@@ -131,18 +133,33 @@ class RunReport:
 
 @dataclass(frozen=True)
 class SentBatch:
-    """Instances of one study sent to one destination in one association (for the audit)."""
+    """What one association did for one study at one destination (for the transfer audit)."""
 
     destination: PacsDestination
     calling_ae_title: str
     study_instance_uid: str
     patient_key: str
-    sop_instance_uids: tuple[str, ...]
-    outcome: str  # "success" or "failure"
-    detail: str
+    sent: tuple[str, ...]  # SOP Instance UIDs delivered
+    failures: tuple[dict[str, str], ...]  # {"sop_instance_uid", "error"}
 
 
 SentCallback = Callable[[SentBatch], None]
+
+
+def audit_sent_to(trail: Any) -> SentCallback:
+    """A :data:`SentCallback` writing PS3.15 A.5.3.12 ``instances_sent`` rows to an
+    :class:`dicom_node.audit.AuditTrail`."""
+
+    def record(batch: SentBatch) -> None:
+        d = batch.destination
+        trail.record_transfer(
+            "sent", local_ae_title=batch.calling_ae_title, peer_ae_title=d.ae_title,
+            peer_address=f"{d.host}:{d.port}", study_instance_uid=batch.study_instance_uid,
+            patient_key=batch.patient_key, succeeded=len(batch.sent), failed=len(batch.failures),
+            failures=batch.failures,
+        )
+
+    return record
 
 
 def _iso(ts: float) -> str:
@@ -265,10 +282,12 @@ class ForwardQueue:
                 if row is None:
                     cur.execute(
                         "INSERT INTO forward_jobs (destination, sop_instance_uid, sop_class_uid, transfer_syntax_uid,"
-                        " study_instance_uid, series_instance_uid, path, sha256, size_bytes, state, attempts,"
-                        " next_attempt_at, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,'pending',0,?,?,?)",
+                        " study_instance_uid, series_instance_uid, patient_key, path, sha256, size_bytes, state,"
+                        " attempts, next_attempt_at, created_at, updated_at)"
+                        " VALUES (?,?,?,?,?,?,?,?,?,?,'pending',0,?,?,?)",
                         (destination_name, ident.sop_instance_uid, ident.sop_class_uid, ident.transfer_syntax_uid,
-                         ident.study_instance_uid, ident.series_instance_uid, str(p), digest, ident.size_bytes,
+                         ident.study_instance_uid, ident.series_instance_uid, ident.patient_key, str(p), digest,
+                         ident.size_bytes,
                          t, stamp, stamp),
                     )
                     job_id = int(cur.lastrowid or 0)
@@ -369,7 +388,7 @@ class ForwardQueue:
             id=r["id"], destination=r["destination"], sop_instance_uid=r["sop_instance_uid"],
             sop_class_uid=r["sop_class_uid"], transfer_syntax_uid=r["transfer_syntax_uid"],
             study_instance_uid=r["study_instance_uid"], series_instance_uid=r["series_instance_uid"],
-            path=r["path"], sha256=r["sha256"], size_bytes=r["size_bytes"], state=r["state"],
+            patient_key=r["patient_key"], path=r["path"], sha256=r["sha256"], size_bytes=r["size_bytes"], state=r["state"],
             attempts=r["attempts"], next_attempt_at=r["next_attempt_at"], last_status=r["last_status"],
             last_error=r["last_error"], created_at=r["created_at"], updated_at=r["updated_at"],
             delivered_at=r["delivered_at"],
@@ -464,7 +483,7 @@ class ForwardQueue:
             sendable.append((j, FileIdentity(
                 path=j.path, sop_class_uid=j.sop_class_uid, sop_instance_uid=j.sop_instance_uid,
                 transfer_syntax_uid=j.transfer_syntax_uid, study_instance_uid=j.study_instance_uid,
-                series_instance_uid=j.series_instance_uid, patient_key="", size_bytes=j.size_bytes,
+                series_instance_uid=j.series_instance_uid, patient_key=j.patient_key, size_bytes=j.size_bytes,
             )))
 
         for chunk in _context_chunks(sendable):
@@ -473,68 +492,58 @@ class ForwardQueue:
 
     def _send_chunk(self, dest: PacsDestination, chunk: Sequence[tuple[ForwardJob, FileIdentity]],
                     now: float, counts: dict[str, int]) -> None:
-        sent: dict[str, list[str]] = {}
-        failed: dict[str, list[str]] = {}
-        errors: dict[str, str] = {}
+        tally: dict[str, tuple[str, list[str], list[dict[str, str]]]] = {}
+
+        def outcome(j: ForwardJob, ok: bool, status: int | None, error: str | None, permanent: bool = False) -> None:
+            counts[self._record(j, now, ok=ok, status=status, error=error, permanent=permanent)] += 1
+            entry = tally.setdefault(j.study_instance_uid, (j.patient_key, [], []))
+            if ok:
+                entry[1].append(j.sop_instance_uid)
+            else:
+                entry[2].append({"sop_instance_uid": j.sop_instance_uid, "error": error or ""})
+
         try:
             assoc = open_association(self.calling_ae_title, dest, storage_contexts([i for _, i in chunk]),
                                      timeouts=self.timeouts, tls=self.tls)
         except PacsError as exc:
             for j, _ in chunk:
-                counts[self._record(j, now, ok=False, status=None, error=str(exc))] += 1
-                failed.setdefault(j.study_instance_uid, []).append(j.sop_instance_uid)
-                errors[j.study_instance_uid] = str(exc)
-            self._audit(dest, sent, failed, errors)
+                outcome(j, False, None, str(exc))
+            self._audit(dest, tally)
             return
         try:
             for msg_id, (j, ident) in enumerate(chunk, start=1):
                 if not assoc.is_established:
-                    err = f"association with {describe(dest)} was lost before this instance was sent"
-                    counts[self._record(j, now, ok=False, status=None, error=err)] += 1
-                    failed.setdefault(j.study_instance_uid, []).append(j.sop_instance_uid)
-                    errors[j.study_instance_uid] = err
+                    outcome(j, False, None, f"association with {describe(dest)} was lost before this instance was sent")
                     continue
                 try:
                     status = send_file(assoc, ident, msg_id=msg_id & 0xFFFF or 1)
                 except PeerRefusedError as exc:
-                    counts[self._record(j, now, ok=False, status=None, error=str(exc), permanent=True)] += 1
-                    failed.setdefault(j.study_instance_uid, []).append(j.sop_instance_uid)
-                    errors[j.study_instance_uid] = str(exc)
+                    outcome(j, False, None, str(exc), permanent=True)
                     continue
                 except (OSError, ValueError, AttributeError, RuntimeError) as exc:
-                    err = f"{ident.path}: sending to {describe(dest)} failed: {exc}"
-                    counts[self._record(j, now, ok=False, status=None, error=err)] += 1
-                    failed.setdefault(j.study_instance_uid, []).append(j.sop_instance_uid)
-                    errors[j.study_instance_uid] = err
+                    outcome(j, False, None, f"{ident.path}: sending to {describe(dest)} failed: {exc}")
                     continue
                 category = status_category(status) if status >= 0 else "failure"
                 if category in ("success", "warning"):
                     warn = None if category == "success" else f"delivered with warning status 0x{status:04X}"
-                    counts[self._record(j, now, ok=True, status=status, error=warn)] += 1
-                    sent.setdefault(j.study_instance_uid, []).append(j.sop_instance_uid)
+                    outcome(j, True, status, warn)
+                elif status >= 0:
+                    outcome(j, False, status, f"{describe(dest)} answered C-STORE with status 0x{status:04X}")
                 else:
-                    err = (f"{describe(dest)} answered C-STORE with status 0x{status:04X}" if status >= 0
-                           else f"{describe(dest)} did not answer the C-STORE in time")
-                    counts[self._record(j, now, ok=False, status=status if status >= 0 else None, error=err)] += 1
-                    failed.setdefault(j.study_instance_uid, []).append(j.sop_instance_uid)
-                    errors[j.study_instance_uid] = err
+                    outcome(j, False, None, f"{describe(dest)} did not answer the C-STORE in time")
         finally:
             close(assoc)
-            self._audit(dest, sent, failed, errors)
+            self._audit(dest, tally)
 
-    def _audit(self, dest: PacsDestination, sent: dict[str, list[str]], failed: dict[str, list[str]],
-               errors: dict[str, str]) -> None:
+    def _audit(self, dest: PacsDestination, tally: dict[str, tuple[str, list[str], list[dict[str, str]]]]) -> None:
         if self.on_sent is None:
             return
-        batches = [SentBatch(dest, self.calling_ae_title, study, "", tuple(uids), "success", "")
-                   for study, uids in sent.items()]
-        batches += [SentBatch(dest, self.calling_ae_title, study, "", tuple(uids), "failure", errors.get(study, ""))
-                    for study, uids in failed.items()]
-        for b in batches:
+        for study, (patient_key, sent, failures) in tally.items():
+            batch = SentBatch(dest, self.calling_ae_title, study, patient_key, tuple(sent), tuple(failures))
             try:
-                self.on_sent(b)
+                self.on_sent(batch)
             except Exception:  # the audit must never stop delivery
-                log.exception("audit callback failed for study %s to %s", b.study_instance_uid, dest.name)
+                log.exception("audit callback failed for study %s to %s", study, dest.name)
 
     # -- background thread ----------------------------------------------------------------
     def start(self, poll_interval_s: float = 5.0) -> None:
@@ -592,3 +601,25 @@ def _context_chunks(items: Sequence[tuple[ForwardJob, FileIdentity]], limit: int
     if current:
         chunks.append(current)
     return chunks
+
+
+def queue_counts(data_dir: Path | str, now: float | None = None) -> dict[str, int]:
+    """Job counts per state of the queue in ``data_dir`` without configuring a queue
+    (for ``dentfuse status``); all zero when nothing was ever queued."""
+    db = Path(data_dir) / DB_NAME
+    out = {s: 0 for s in STATES}
+    out["due"] = 0
+    if db.is_file():
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30.0)
+        try:
+            for state, n in conn.execute("SELECT state, count(*) FROM forward_jobs GROUP BY state"):
+                out[state] = int(n)
+            out["due"] = int(conn.execute(
+                "SELECT count(*) FROM forward_jobs WHERE state='pending' AND next_attempt_at<=?",
+                (time.time() if now is None else now,)).fetchone()[0])
+        except sqlite3.OperationalError:  # the table was never created
+            pass
+        finally:
+            conn.close()
+    out["total"] = sum(out[s] for s in STATES)
+    return out

@@ -37,9 +37,10 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from dicom_node.audit import AssociationTally, AuditTrail
 from dicom_node.errors import InstanceRejected
 from dicom_node.index import InstanceIndex
-from dicom_node.ingest import accept_instance
+from dicom_node.ingest import AcceptResult, accept_instance
 from dicom_node.scu import (
     MAX_CONTEXTS,
     PacsError,
@@ -174,22 +175,37 @@ def _multi(ds: Dataset, keyword: str) -> tuple[str, ...]:
     return tuple(str(x) for x in v)
 
 
-def make_store_handler(store: InstanceStore, index: InstanceIndex, *, duplicate_policy: str = "keep_first",
-                       on_accepted: Callable[[Any], None] | None = None) -> StoreHandler:
+class RetrievedStoreHandler:
     """An ``EVT_C_STORE`` handler for the storage sub-operations of a C-GET.
 
     Each instance is written (file meta + the dataset bytes exactly as the PACS sent them)
     to a temporary file in the store, fsync'd, then checked, stored and indexed by
     :func:`dicom_node.ingest.accept_instance`, the same path as the listener's C-STORE.
-    The handler never raises: failures become DIMSE statuses. ``on_accepted`` receives
-    each :class:`~dicom_node.ingest.AcceptResult`.
+    The handler never raises: failures become DIMSE statuses. With an ``audit`` trail,
+    :meth:`finish` (called by :meth:`PacsClient.get_series` when the association ends)
+    writes one ``instances_received`` row per study.
     """
 
-    def handle(event: evt.Event) -> int:
-        peer_ae = str(getattr(event.assoc.acceptor, "ae_title", "") or "PACS").strip()
+    def __init__(self, store: InstanceStore, index: InstanceIndex, *, duplicate_policy: str = "keep_first",
+                 audit: AuditTrail | None = None,
+                 on_accepted: Callable[[AcceptResult], None] | None = None) -> None:
+        self.store = store
+        self.index = index
+        self.duplicate_policy = duplicate_policy
+        self.audit = audit
+        self.on_accepted = on_accepted
+        self._tally: AssociationTally | None = None
+
+    def __call__(self, event: evt.Event) -> int:
+        acceptor = event.assoc.acceptor
+        peer_ae = str(getattr(acceptor, "ae_title", "") or "PACS").strip()
+        if self.audit is not None and self._tally is None:
+            self._tally = AssociationTally(str(event.assoc.requestor.ae_title).strip(), peer_ae,
+                                           f"{getattr(acceptor, 'address', '')}:{getattr(acceptor, 'port', '')}")
+        sop_uid = str(event.request.AffectedSOPInstanceUID)
         tmp = None
         try:
-            tmp, fh = store.new_temp_file()
+            tmp, fh = self.store.new_temp_file()
             with fh:
                 src_path = getattr(event.request, "_dataset_path", None)  # chunked receive
                 if src_path is None:
@@ -201,27 +217,39 @@ def make_store_handler(store: InstanceStore, index: InstanceIndex, *, duplicate_
                 fh.flush()
                 os.fsync(fh.fileno())
             result = accept_instance(
-                tmp, store, index, peer_ae, duplicate_policy,
+                tmp, self.store, self.index, peer_ae, self.duplicate_policy,
                 expected_sop_class_uid=str(event.context.abstract_syntax),
-                expected_sop_instance_uid=str(event.request.AffectedSOPInstanceUID),
+                expected_sop_instance_uid=sop_uid,
             )
         except InstanceRejected as exc:
-            log.warning("C-GET sub-operation from %s refused: %s", peer_ae, exc.reason)
+            log.warning("C-GET sub-operation %s from %s refused: %s", sop_uid, peer_ae, exc.reason)
+            self._failed(sop_uid, int(exc.status), exc.reason)
             return int(exc.status)
-        except Exception:  # noqa: BLE001 - never raise into pynetdicom
-            log.exception("C-GET sub-operation from %s failed", peer_ae)
+        except Exception as exc:  # noqa: BLE001 - never raise into pynetdicom
+            log.exception("C-GET sub-operation %s from %s failed", sop_uid, peer_ae)
+            self._failed(sop_uid, int(Status.PROCESSING_FAILURE), str(exc))
             return int(Status.PROCESSING_FAILURE)
         finally:
             if tmp is not None:
-                store.discard(tmp)
-        if on_accepted is not None:
+                self.store.discard(tmp)
+        if self._tally is not None:
+            self._tally.ok(result.instance.study_instance_uid, result.instance.patient_key)
+        if self.on_accepted is not None:
             try:
-                on_accepted(result)
+                self.on_accepted(result)
             except Exception:  # noqa: BLE001
-                log.exception("on_accepted callback failed for %s", result.instance.sop_instance_uid)
+                log.exception("on_accepted callback failed for %s", sop_uid)
         return 0x0000
 
-    return handle
+    def _failed(self, sop_uid: str, status: int, reason: str) -> None:
+        if self._tally is not None:
+            self._tally.failed("", {"sop_instance_uid": sop_uid, "status": f"0x{status:04X}", "reason": reason})
+
+    def finish(self) -> None:
+        """Write the audit rows of the association that just ended."""
+        tally, self._tally = self._tally, None
+        if tally is not None and self.audit is not None:
+            tally.flush(self.audit)
 
 
 class PacsClient:
@@ -413,7 +441,8 @@ class PacsClient:
                 final = status
                 if rsp_ident is not None and "FailedSOPInstanceUIDList" in rsp_ident:
                     failed_uids.extend(_multi(rsp_ident, "FailedSOPInstanceUIDList"))
-        assert final is not None
+        if final is None:
+            raise PacsError(f"{describe(self.destination)} sent no C-MOVE response for series {series_instance_uid}")
         code = int(final.Status)
         if code == 0xA801:
             raise PeerRefusedError(
@@ -464,23 +493,29 @@ class PacsClient:
         final: Dataset | None = None
         failed_uids: list[str] = []
         ident = self._retrieve_identifier(study_instance_uid, series_instance_uid, patient_id)
-        with association(self.calling_ae_title, self.destination, contexts, timeouts=self.timeouts,
-                         tls=self.tls, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)]) as assoc:
-            if not any(cx.abstract_syntax == self.get_model for cx in assoc.accepted_contexts):
-                raise PeerRefusedError(
-                    f"{describe(self.destination)} does not accept C-GET in the {self.model} root model; "
-                    "use C-MOVE (retrieve --method move)"
-                )
-            for status, rsp_ident in assoc.send_c_get(ident, self.get_model):
-                if "Status" not in status:
-                    raise PacsError(
-                        f"{describe(self.destination)} stopped answering the C-GET of series "
-                        f"{series_instance_uid}; what arrived is kept; retry to complete it"
+        try:
+            with association(self.calling_ae_title, self.destination, contexts, timeouts=self.timeouts,
+                             tls=self.tls, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)]) as assoc:
+                if not any(cx.abstract_syntax == self.get_model for cx in assoc.accepted_contexts):
+                    raise PeerRefusedError(
+                        f"{describe(self.destination)} does not accept C-GET in the {self.model} root model; "
+                        "use C-MOVE (retrieve --method move)"
                     )
-                final = status
-                if rsp_ident is not None and "FailedSOPInstanceUIDList" in rsp_ident:
-                    failed_uids.extend(_multi(rsp_ident, "FailedSOPInstanceUIDList"))
-        assert final is not None
+                for status, rsp_ident in assoc.send_c_get(ident, self.get_model):
+                    if "Status" not in status:
+                        raise PacsError(
+                            f"{describe(self.destination)} stopped answering the C-GET of series "
+                            f"{series_instance_uid}; what arrived is kept; retry to complete it"
+                        )
+                    final = status
+                    if rsp_ident is not None and "FailedSOPInstanceUIDList" in rsp_ident:
+                        failed_uids.extend(_multi(rsp_ident, "FailedSOPInstanceUIDList"))
+        finally:
+            finish = getattr(store_handler, "finish", None)
+            if callable(finish):
+                finish()
+        if final is None:
+            raise PacsError(f"{describe(self.destination)} sent no C-GET response for series {series_instance_uid}")
         return self._result("C-GET", study_instance_uid, series_instance_uid, final, expected,
                             have_instance, failed_uids + failed_local)
 
@@ -496,6 +531,10 @@ class PacsClient:
             warning=_int(final, "NumberOfWarningSuboperations") or 0,
             expected=expected, received=held, missing=missing, failed=failed_set,
         )
+        if method == "C-MOVE" and status_category(res.status) == "failure" and not held:
+            log.warning("C-MOVE of series %s from %s failed with nothing received; check that the PACS "
+                        "knows our AE title, host and port as a move destination", series,
+                        self.destination.name)
         log_fn = log.info if res.ok else log.warning
         log_fn("%s of series %s from %s: status 0x%04X, %d of %d instance(s) held, %d missing, %d failed",
                method, series, self.destination.name, res.status, len(held), len(expected), len(missing),

@@ -1,0 +1,359 @@
+"""``dentfuse node``: what the node holds, and talking to the PACS.
+
+- ``node ls``: patients, studies or series in the index (kind, modality, counts, sizes,
+  first/last received);
+- ``node forward``: queue files or indexed series for a configured PACS destination and
+  deliver them (the same persistent queue the serve command runs);
+- ``node query``: C-FIND a PACS (studies of a patient, series of a study, prior 3D series);
+- ``node retrieve``: C-GET or C-MOVE series into our store and index.
+
+A PACS is named by its configured destination name (``[pacs] destinations``) or written
+inline as ``AETITLE@host:port``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.cli_common import build_config, common_options, emit_json
+from pipeline.config import Config
+
+INDEX_DB = "index.sqlite"
+
+
+def _human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _print_table(title: str, columns: list[str], rows: Iterable[Iterable[Any]]) -> None:
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c, overflow="fold")
+    for r in rows:
+        table.add_row(*[str(x) for x in r])
+    Console().print(table)
+
+
+def _destination(cfg: Config, text: str) -> Any:
+    from dicom_node.settings import PacsDestination
+
+    for d in cfg.pacs.destinations:
+        if d.name == text:
+            return d
+    m = re.fullmatch(r"([^@]{1,16})@([\w.:-]+?):(\d{1,5})", text.strip())
+    if m:
+        return PacsDestination(name=f"{m[1]}@{m[2]}:{m[3]}", ae_title=m[1], host=m[2], port=int(m[3]))
+    known = ", ".join(d.name for d in cfg.pacs.destinations) or "none configured"
+    raise click.BadParameter(
+        f"{text!r} is neither a configured PACS destination ({known}) nor AETITLE@host:port",
+        param_hint="PACS",
+    )
+
+
+def _index(cfg: Config) -> Any:
+    from dicom_node.index import InstanceIndex
+
+    db = cfg.data_dir / INDEX_DB
+    if not db.is_file():
+        raise click.ClickException(
+            f"no index at {db}: nothing has been received into this data directory yet "
+            "(run dentfuse serve or dentfuse import, or pass --data-dir)"
+        )
+    return InstanceIndex(db)
+
+
+def _tls(cfg: Config) -> Any:
+    if not any(d.tls for d in cfg.pacs.destinations):
+        return None
+    from dicom_node.scu import client_tls_context
+
+    return client_tls_context(cfg.node.tls_ca_certificates, cfg.node.tls_certificate, cfg.node.tls_private_key)
+
+
+def _timeouts(cfg: Config) -> Any:
+    from dicom_node.scu import Timeouts
+
+    return Timeouts(acse_s=cfg.node.acse_timeout_s, dimse_s=cfg.node.dimse_timeout_s,
+                    network_s=cfg.node.network_timeout_s)
+
+
+@click.group()
+def node() -> None:
+    """What the DICOM node holds, and talking to the PACS."""
+
+
+# -- ls ----------------------------------------------------------------------------------
+@node.command("ls")
+@click.option("--level", type=click.Choice(["patients", "studies", "series"]), default="series",
+              show_default=True, help="What to list.")
+@click.option("--patient", "patient_key", default=None, help="Only this patient key (PatientID or ID^Issuer).")
+@click.option("--study", "study_uid", default=None, help="Only series of this study.")
+@common_options
+def ls_cmd(cfg_opts: dict[str, Any], as_json: bool, level: str, patient_key: str | None,
+           study_uid: str | None) -> None:
+    """List patients, studies or series in the index."""
+    cfg = build_config(cfg_opts)
+    index = _index(cfg)
+    try:
+        if level == "patients":
+            pats = [p for p in index.patients() if patient_key is None or p.patient_key == patient_key]
+            if as_json:
+                emit_json([p.__dict__ for p in pats])
+                return
+            _print_table(f"patients in {cfg.data_dir}",
+                         ["patient", "studies", "instances", "first received", "last received"],
+                         [(p.patient_key, p.study_count, p.instance_count, p.first_received_at, p.last_received_at)
+                          for p in pats])
+        elif level == "studies":
+            studies = index.studies(patient_key)
+            if as_json:
+                emit_json([s.__dict__ for s in studies])
+                return
+            _print_table(f"studies in {cfg.data_dir}",
+                         ["patient", "study", "series", "instances", "size", "first received", "last received"],
+                         [(s.patient_key, s.study_instance_uid, s.series_count, s.instance_count,
+                           _human_size(s.size_bytes), s.first_received_at, s.last_received_at) for s in studies])
+        else:
+            series = index.series(study_instance_uid=study_uid, patient_key=None if study_uid else patient_key)
+            if patient_key and study_uid:
+                series = [s for s in series if s.patient_key == patient_key]
+            if as_json:
+                emit_json([s.__dict__ for s in series])
+                return
+            _print_table(f"series in {cfg.data_dir}",
+                         ["patient", "study", "series", "kind", "modality", "instances", "size",
+                          "first received", "last received"],
+                         [(s.patient_key, s.study_instance_uid, s.series_instance_uid, s.kind, s.modality,
+                           s.instance_count, _human_size(s.size_bytes), s.first_received_at, s.last_received_at)
+                          for s in series])
+    finally:
+        index.close()
+
+
+# -- forward -------------------------------------------------------------------------------
+def _dicom_files(paths: Iterable[Path]) -> list[Path]:
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")))
+        else:
+            out.append(p)
+    return out
+
+
+@node.command("forward")
+@click.argument("destination")
+@click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=Path))
+@click.option("--series", "series_uids", multiple=True, help="Queue every instance of this indexed series.")
+@click.option("--study", "study_uids", multiple=True, help="Queue every instance of this indexed study.")
+@click.option("--retry-dead", is_flag=True, help="Give dead jobs for this destination a fresh attempt budget.")
+@click.option("--no-run", is_flag=True, help="Only queue; the serve command's queue thread delivers.")
+@click.option("--wait", "wait_s", type=float, default=0.0, show_default=True,
+              help="Keep retrying due jobs for up to this many seconds (backoff applies).")
+@common_options
+def forward_cmd(cfg_opts: dict[str, Any], as_json: bool, destination: str, paths: tuple[Path, ...],
+                series_uids: tuple[str, ...], study_uids: tuple[str, ...], retry_dead: bool, no_run: bool,
+                wait_s: float) -> None:
+    """Queue files (or indexed series/studies) for a configured PACS DESTINATION and deliver them.
+
+    Exits with status 1 when queued jobs remain undelivered (pending or dead).
+    """
+    from dicom_node.audit import AuditTrail
+    from dicom_node.forward import ForwardError, ForwardQueue, audit_sent_to
+
+    cfg = build_config(cfg_opts)
+    if destination not in {d.name for d in cfg.pacs.destinations}:
+        known = ", ".join(d.name for d in cfg.pacs.destinations) or "none configured"
+        raise click.BadParameter(f"unknown destination {destination!r} (configured: {known}); "
+                                 "the queue only sends to configured destinations", param_hint="DESTINATION")
+    files = _dicom_files(paths)
+    if series_uids or study_uids:
+        index = _index(cfg)
+        try:
+            for uid in series_uids:
+                inst = index.instances(series_instance_uid=uid)
+                if not inst:
+                    raise click.ClickException(f"series {uid} is not in the index of {cfg.data_dir}")
+                files.extend(Path(i.path) for i in inst)
+            for uid in study_uids:
+                inst = index.instances(study_instance_uid=uid)
+                if not inst:
+                    raise click.ClickException(f"study {uid} is not in the index of {cfg.data_dir}")
+                files.extend(Path(i.path) for i in inst)
+        finally:
+            index.close()
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    trail = AuditTrail(cfg.data_dir / INDEX_DB)
+    queue = ForwardQueue(cfg.data_dir, cfg.pacs, cfg.node.ae_title, timeouts=_timeouts(cfg), tls=_tls(cfg),
+                         on_sent=audit_sent_to(trail))
+    try:
+        job_ids: list[int] = []
+        for f in files:
+            try:
+                job_ids.append(queue.enqueue(f, destination))
+            except ForwardError as exc:
+                raise click.ClickException(str(exc)) from None
+        revived = queue.retry_dead(destination) if retry_dead else 0
+        delivered = attempted = 0
+        if not no_run:
+            deadline = time.monotonic() + max(0.0, wait_s)
+            while True:
+                report = queue.run_once()
+                delivered += report.delivered
+                attempted += report.attempted
+                counts = queue.counts(destination)
+                if counts["pending"] == 0 or time.monotonic() >= deadline:
+                    break
+                nxt = queue.next_due_at()
+                pause = 0.5 if nxt is None else max(0.05, nxt - time.time())
+                time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        counts = queue.counts(destination)
+        jobs = [queue.job(j) for j in sorted(set(job_ids))]
+        failed = [j for j in jobs if j.state != "done"]
+        result = {"destination": destination, "queued": len(set(job_ids)), "revived": revived,
+                  "attempted": attempted, "delivered": delivered, "counts": counts,
+                  "undelivered": [{"job": j.id, "sop_instance_uid": j.sop_instance_uid, "state": j.state,
+                                   "attempts": j.attempts, "last_error": j.last_error} for j in failed]}
+        if as_json:
+            emit_json(result)
+        else:
+            click.echo(f"{destination}: queued {result['queued']}, delivered {delivered} now; "
+                       f"queue: {counts['pending']} pending, {counts['done']} done, {counts['dead']} dead")
+            for j in failed[:20]:
+                click.echo(f"  job {j.id} {j.state} after {j.attempts} attempt(s): {j.last_error}", err=True)
+        if failed or (not job_ids and counts["pending"] + counts["dead"]):
+            raise SystemExit(1)
+    finally:
+        queue.close()
+        trail.close()
+
+
+# -- query -------------------------------------------------------------------------------
+@node.command("query")
+@click.argument("pacs")
+@click.option("--patient-id", required=True, help="PatientID to query (required: no whole-PACS queries).")
+@click.option("--study", "study_uid", default=None, help="List the series of this study.")
+@click.option("--priors", is_flag=True, help="List the patient's 3D series (CT, MR, 3D classes).")
+@click.option("--model", type=click.Choice(["study", "patient"]), default="study", show_default=True,
+              help="Query/retrieve information model (Study Root or Patient Root).")
+@common_options
+def query_cmd(cfg_opts: dict[str, Any], as_json: bool, pacs: str, patient_id: str, study_uid: str | None,
+              priors: bool, model: str) -> None:
+    """C-FIND a PACS: studies of a patient, series of a study, or prior 3D series."""
+    from dicom_node.qr import PacsClient
+    from dicom_node.scu import PacsError
+
+    cfg = build_config(cfg_opts)
+    client = PacsClient(cfg.node.ae_title, _destination(cfg, pacs), model=model,
+                        timeouts=_timeouts(cfg), tls=_tls(cfg))
+    try:
+        if priors or study_uid:
+            series = (client.find_prior_3d_series(patient_id) if priors
+                      else client.find_series(study_uid or "", patient_id=patient_id))
+            if as_json:
+                emit_json([s.to_dict() for s in series])
+                return
+            _print_table(f"series on {pacs}", ["study", "series", "modality", "3D", "instances", "description"],
+                         [(s.study_instance_uid, s.series_instance_uid, s.modality, "yes" if s.is_3d else "no",
+                           s.number_of_instances if s.number_of_instances is not None else "?",
+                           s.series_description) for s in series])
+            return
+        studies = client.find_studies(patient_id)
+        if as_json:
+            emit_json([s.to_dict() for s in studies])
+            return
+        _print_table(f"studies of {patient_id} on {pacs}",
+                     ["study", "date", "modalities", "series", "instances", "description"],
+                     [(s.study_instance_uid, s.study_date, "/".join(s.modalities_in_study),
+                       s.number_of_series if s.number_of_series is not None else "?",
+                       s.number_of_instances if s.number_of_instances is not None else "?",
+                       s.study_description) for s in studies])
+    except PacsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+# -- retrieve ------------------------------------------------------------------------------
+@node.command("retrieve")
+@click.argument("pacs")
+@click.option("--study", "study_uid", default=None, help="Study of the series to retrieve.")
+@click.option("--series", "series_uids", multiple=True, help="Series to retrieve (repeatable).")
+@click.option("--priors", is_flag=True, help="Retrieve every prior 3D series of --patient-id.")
+@click.option("--patient-id", default=None, help="PatientID (needed with --priors and the patient model).")
+@click.option("--method", type=click.Choice(["get", "move"]), default="get", show_default=True,
+              help="C-GET (on our association) or C-MOVE (to our listener: dentfuse serve must run).")
+@click.option("--move-destination", default=None,
+              help="AE title the PACS sends to with C-MOVE (default: our node.ae_title).")
+@click.option("--model", type=click.Choice(["study", "patient"]), default="study", show_default=True)
+@common_options
+def retrieve_cmd(cfg_opts: dict[str, Any], as_json: bool, pacs: str, study_uid: str | None,
+                 series_uids: tuple[str, ...], priors: bool, patient_id: str | None, method: str,
+                 move_destination: str | None, model: str) -> None:
+    """Retrieve series from a PACS into our store and index (C-GET or C-MOVE).
+
+    Exits with status 1 when an instance the PACS listed was not received.
+    """
+    from dicom_node.audit import AuditTrail
+    from dicom_node.index import InstanceIndex
+    from dicom_node.qr import PacsClient, RetrievedStoreHandler
+    from dicom_node.scu import PacsError
+    from dicom_node.storage import InstanceStore
+
+    cfg = build_config(cfg_opts)
+    if priors and not patient_id:
+        raise click.UsageError("--priors needs --patient-id")
+    if not priors and not (study_uid and series_uids):
+        raise click.UsageError("give --study and --series, or --priors --patient-id")
+    client = PacsClient(cfg.node.ae_title, _destination(cfg, pacs), model=model,
+                        timeouts=_timeouts(cfg), tls=_tls(cfg))
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    index = InstanceIndex(cfg.data_dir / INDEX_DB)
+    trail = AuditTrail(cfg.data_dir / INDEX_DB)
+    results = []
+    try:
+        if priors:
+            assert patient_id is not None
+            targets = [(s.study_instance_uid, s.series_instance_uid)
+                       for s in client.find_prior_3d_series(patient_id)]
+        else:
+            assert study_uid is not None
+            targets = [(study_uid, s) for s in series_uids]
+
+        def have(uid: str) -> bool:
+            return index.get(uid) is not None
+
+        for study, series in targets:
+            if method == "move":
+                res = client.move_series(study, series, move_destination or cfg.node.ae_title,
+                                         have_instance=have, patient_id=patient_id)
+            else:
+                store = InstanceStore(cfg.data_dir)
+                handler = RetrievedStoreHandler(store, index, duplicate_policy=cfg.node.duplicate_policy,
+                                                audit=trail)
+                res = client.get_series(study, series, handler, have_instance=have, patient_id=patient_id)
+            results.append(res)
+    except PacsError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        index.close()
+        trail.close()
+    if as_json:
+        emit_json([r.to_dict() for r in results])
+    else:
+        _print_table(f"retrieved from {pacs} ({method.upper()})",
+                     ["series", "status", "expected", "received", "missing", "failed"],
+                     [(r.series_instance_uid, f"0x{r.status:04X}", len(r.expected), len(r.received),
+                       len(r.missing), len(r.failed)) for r in results])
+    if any(not r.ok for r in results):
+        raise SystemExit(1)

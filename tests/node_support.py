@@ -1,0 +1,151 @@
+"""Helpers shared by the tests of the DICOM listener (tests/test_node_*.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from conftest import peers_required, require_peer
+
+import pytest
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+UID_ROOT = "1.2.826.0.1.3680043.10.1090."  # test-only root
+
+
+def dcmtk(program: str) -> str:
+    """Path of the dcmtk program (the pyenv shims of pynetdicom's apps share some names:
+    storescu, echoscu; we need dcmtk's). Skips/fails like ``require_peer``."""
+    require_peer(program)
+    candidates = [Path(p) / program for p in os.environ.get("PATH", "").split(os.pathsep)]
+    candidates += [Path("/usr/bin") / program]
+    for cand in candidates:
+        if cand.is_file() and os.access(cand, os.X_OK):
+            try:
+                out = subprocess.run([str(cand), "--version"], capture_output=True, text=True, timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                continue
+            if "dcmtk" in (out.stdout + out.stderr).lower():
+                return str(cand)
+    msg = f"dcmtk's {program} not found (only non-dcmtk programs of that name on PATH)"
+    if peers_required():
+        pytest.fail(msg)
+    pytest.skip(msg)
+    raise AssertionError  # unreachable
+
+
+def make_ct_series(out_dir: Path, n: int, *, seed: int = 0, patient_id: str = "DF-TEST",
+                   rows: int = 64, cols: int = 64, study_uid: str | None = None,
+                   series_uid: str | None = None, prefix: str = "") -> list[Path]:
+    """Write ``n`` CT slices (Explicit VR LE, one file each); returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    study_uid = study_uid or generate_uid(UID_ROOT)
+    series_uid = series_uid or generate_uid(UID_ROOT)
+    paths = []
+    for i in range(n):
+        ds = ct_dataset(rng, patient_id, study_uid, series_uid, i, rows, cols)
+        p = out_dir / f"{prefix}{i:04d}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        paths.append(p)
+    return paths
+
+
+def ct_dataset(rng: np.random.Generator, patient_id: str, study_uid: str, series_uid: str,
+               i: int, rows: int = 64, cols: int = 64, sop_uid: str | None = None,
+               bits: int = 16) -> Dataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CT
+    meta.MediaStorageSOPInstanceUID = sop_uid or generate_uid(UID_ROOT)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CT
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.FrameOfReferenceUID = study_uid + ".1" if len(study_uid) < 62 else study_uid
+    ds.PatientID = patient_id
+    ds.PatientName = "TEST^PATIENT"
+    ds.Modality = "CT"
+    ds.InstanceNumber = i + 1
+    ds.ImagePositionPatient = [0.0, 0.0, float(i)]
+    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    ds.PixelSpacing = [0.5, 0.5]
+    ds.SliceThickness = 1.0
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    if bits == 8:
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+        arr = rng.integers(0, 255, size=(rows, cols), dtype=np.uint8)
+    else:
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+        arr = rng.integers(0, 4000, size=(rows, cols), dtype=np.uint16)
+    ds.PixelRepresentation = 0
+    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+    ds.PixelData = arr.tobytes()
+    return ds
+
+
+def dataset_offset(path: Path) -> int:
+    """Offset of the dataset after the File Meta group (independent of dicom_node)."""
+    with open(path, "rb") as fh:
+        head = fh.read(132)
+        assert head[128:132] == b"DICM", f"{path} is not a Part 10 file"
+        pos = 132
+        while True:
+            b = fh.read(8)
+            if len(b) < 8:
+                return pos
+            group, _elem = struct.unpack("<HH", b[:4])
+            if group != 0x0002:
+                return pos
+            vr = b[4:6]
+            if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV"):
+                length = struct.unpack("<I", fh.read(4))[0]
+                pos += 12 + length
+            else:
+                length = struct.unpack("<H", b[6:8])[0]
+                pos += 8 + length
+            fh.seek(pos)
+
+
+def dataset_sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        fh.seek(dataset_offset(path))
+        return hashlib.sha256(fh.read()).hexdigest()
+
+
+def sop_uid_of(path: Path) -> str:
+    from pydicom import dcmread
+
+    return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def stored_files(data_dir: Path) -> list[Path]:
+    return sorted(p for p in (data_dir / "instances").rglob("*.dcm") if ".incoming" not in p.parts)
+
+
+def temp_files(data_dir: Path) -> list[Path]:
+    root = data_dir / "instances"
+    return sorted(p for p in root.rglob("*") if p.is_file() and (".incoming" in p.parts or p.name.endswith(".partial")))
+
+
+def copy_tree(paths: Iterable[Path], dst: Path) -> list[Path]:
+    dst.mkdir(parents=True, exist_ok=True)
+    out = []
+    for p in paths:
+        q = dst / p.name
+        shutil.copy2(p, q)
+        out.append(q)
+    return out

@@ -23,6 +23,7 @@ class VolumeGateThresholds:
     max_consistency_mm: float = 0.5  # review above: disagreement between independent runs (landmark-free)
     reject_consistency_mm: float = 2.0  # reject above
     require_convergence: bool = True  # reject when the optimizer hit its iteration limit without converging
+    min_body_agreement: float = 0.5  # reject below: fraction of overlapping body voxels landing on the other body
 
 
 @dataclass(frozen=True)
@@ -34,3 +35,7 @@ class SurfaceGateThresholds:
     min_inlier_fraction: float = 0.25  # reject below
     review_inlier_fraction: float = 0.32  # review below
     min_hypothesis_margin: float = 0.08  # review below: best minus second-best distinct hypothesis inlier fraction
+    distinct_hypothesis_mm: float = 1.5  # two poses are distinct hypotheses when scan points move more (RMS) between them
+    max_hypotheses: int = 6  # global pose hypotheses refined and scored
+    fine_sample_mm: float = 0.4  # scan sampling step of the final ICP stages
+    max_scan_faces: int = 2_000_000  # reject scans declaring more faces (checked before parsing)

@@ -1,0 +1,531 @@
+"""Rigid (6-DOF) volume-to-volume registration with SimpleITK, and its quality gate.
+
+Method (see DESIGN.md, "What was measured"):
+
+1. Both volumes are cast to float32 and BinShrink-ed once to about ``target_spacing_mm``.
+2. Initialisation by a coarse global search at ``coarse_spacing_mm``: the moving volume is
+   centred on the fixed one by the centres of mass of their thresholded bodies and by their
+   geometric centres, combined with a set of rotation starts; each start runs a short
+   Mattes-MI rigid registration and the best metric wins.
+3. Refinement from the best start: Mattes mutual information with a fixed number of
+   samples (seeded), regular-step gradient descent, a 2-level pyramid on the shrunk images.
+4. Evidence for the gate: final metric, optimizer stop condition, overlap fraction of the
+   bodies, and a consistency figure: the refinement is repeated from ``consistency_starts``
+   perturbed starts and the transforms are compared by the largest displacement of the
+   corners of the overlap region (mm).
+
+SimpleITK's registration transform maps *fixed* points to *moving* points; everything
+this module returns is the inverse, ``moving -> fixed`` (DESIGN.md convention).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+
+from fusion.errors import RegistrationError
+from fusion.gates import VolumeGateThresholds
+from fusion.records import QualityCheck, Verdict
+from fusion.volume import Volume, volume_to_sitk
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, float], None]
+
+
+@dataclass(frozen=True)
+class VolumeRegistrationParameters:
+    """Tunable parameters of :func:`register_volumes` (recorded in the FusionResult)."""
+
+    target_spacing_mm: float = 0.6  # BinShrink both images once to about this spacing
+    coarse_spacing_mm: float = 2.0  # global search resolution
+    pyramid_shrink: tuple[int, ...] = (2, 1)  # refinement levels on the shrunk images
+    pyramid_sigma_mm: tuple[float, ...] = (1.0, 0.0)
+    histogram_bins: int = 32
+    metric_samples: int = 20000  # fixed number of Mattes MI samples per evaluation
+    coarse_samples: int = 4000
+    learning_rate: float = 2.0  # regular-step GD initial step (scaled by physical shift)
+    min_step: float = 1e-3
+    max_iterations: int = 200
+    coarse_iterations: int = 60
+    relaxation: float = 0.6
+    rotation_starts_deg: tuple[tuple[float, float, float], ...] = (
+        (0, 0, 0), (12, 0, 0), (-12, 0, 0), (0, 12, 0), (0, -12, 0), (0, 0, 12), (0, 0, -12),
+    )
+    consistency_starts: int = 2
+    consistency_perturbation_deg: float = 3.0
+    consistency_perturbation_mm: float = 3.0
+    threads: int = 0  # 0 = SimpleITK default
+
+
+@dataclass(frozen=True)
+class VolumeRegistration:
+    """The outcome of :func:`register_volumes` (before the gate)."""
+
+    matrix_moving_to_fixed: np.ndarray  # 4x4, moving frame (LPS mm) -> fixed frame
+    final_metric: float  # Mattes MI, negated (lower is better)
+    stop_condition: str
+    converged: bool
+    iterations: int
+    overlap_fraction: float
+    consistency_mm: float
+    metrics: dict[str, float]
+    parameters: VolumeRegistrationParameters
+    seed: int
+    timings_s: dict[str, float] = field(default_factory=dict)
+    overlap_box_fixed: np.ndarray | None = None  # (2, 3) LPS corners (min, max) of the overlap
+
+
+# ---- helpers ---------------------------------------------------------------------
+
+def _shrink_to(img: sitk.Image, target_mm: float) -> sitk.Image:
+    factors = [max(1, int(round(target_mm / s))) for s in img.GetSpacing()]
+    return sitk.BinShrink(img, factors) if any(f > 1 for f in factors) else img
+
+
+def _smooth_shrink(img: sitk.Image, target_mm: float) -> sitk.Image:
+    factors = [max(1, int(round(target_mm / s))) for s in img.GetSpacing()]
+    if all(f == 1 for f in factors):
+        return img
+    return sitk.BinShrink(img, factors)
+
+
+def _body_threshold(arr: np.ndarray) -> float:
+    """Otsu threshold of the image (separates air/background from the body)."""
+    from skimage.filters import threshold_otsu
+
+    sample = arr[:: max(1, arr.shape[0] // 64), :: 2, :: 2].ravel()
+    if sample.size == 0 or float(sample.max()) == float(sample.min()):
+        return float(sample.max()) if sample.size else 0.0
+    return float(threshold_otsu(sample))
+
+
+def _body_mask(img: sitk.Image) -> tuple[sitk.Image, float]:
+    arr = sitk.GetArrayViewFromImage(img)
+    thr = _body_threshold(arr)
+    mask = sitk.BinaryThreshold(img, lowerThreshold=thr, upperThreshold=1e30, insideValue=1, outsideValue=0)
+    return mask, thr
+
+
+def _euler_from_matrix(fixed_to_moving: np.ndarray, center: np.ndarray) -> sitk.Euler3DTransform:
+    t = sitk.Euler3DTransform()
+    t.SetCenter(tuple(float(c) for c in center))
+    t.SetMatrix(tuple(float(v) for v in fixed_to_moving[:3, :3].ravel()))
+    # x_m = R (x_f - c) + c + t  ==  R x_f + b  ->  t = b - c + R c
+    b = fixed_to_moving[:3, 3]
+    t.SetTranslation(tuple(float(v) for v in (b - center + fixed_to_moving[:3, :3] @ center)))
+    return t
+
+
+def _matrix_of(t: sitk.Transform) -> np.ndarray:
+    """4x4 fixed->moving matrix of a SimpleITK rigid/affine transform."""
+    e = sitk.Euler3DTransform(t) if not isinstance(t, sitk.Euler3DTransform) else t
+    m = np.eye(4)
+    R = np.array(e.GetMatrix()).reshape(3, 3)
+    c = np.array(e.GetCenter())
+    m[:3, :3] = R
+    m[:3, 3] = np.array(e.GetTranslation()) + c - R @ c
+    return m
+
+
+def _rot(deg_xyz: tuple[float, float, float]) -> np.ndarray:
+    ax, ay, az = (math.radians(float(v)) for v in deg_xyz)
+    cx, sx, cy, sy, cz, sz = math.cos(ax), math.sin(ax), math.cos(ay), math.sin(ay), math.cos(az), math.sin(az)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _centre_of_mass(mask: sitk.Image) -> np.ndarray | None:
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(mask)
+    if not stats.HasLabel(1):
+        return None
+    return np.array(stats.GetCentroid(1))
+
+
+def _image_centre(img: sitk.Image) -> np.ndarray:
+    size = np.array(img.GetSize(), float)
+    return np.array(img.TransformContinuousIndexToPhysicalPoint(tuple((size - 1) / 2)))
+
+
+def _grid_points(img: sitk.Image, step: int = 4) -> np.ndarray:
+    """Physical points of every ``step``-th voxel (N, 3) and their flat z,y,x order."""
+    size = img.GetSize()
+    ii = [np.arange(0, size[a], step) for a in range(3)]
+    K, J, I = np.meshgrid(ii[2], ii[1], ii[0], indexing="ij")
+    idx = np.stack([I.ravel(), J.ravel(), K.ravel()], 1).astype(float)
+    d = np.array(img.GetDirection()).reshape(3, 3) * np.array(img.GetSpacing())[None, :]
+    return idx @ d.T + np.array(img.GetOrigin()), (K.ravel(), J.ravel(), I.ravel())
+
+
+def _inside(img: sitk.Image, pts: np.ndarray) -> np.ndarray:
+    d = np.array(img.GetDirection()).reshape(3, 3) * np.array(img.GetSpacing())[None, :]
+    idx = np.linalg.solve(d, (pts - np.array(img.GetOrigin())).T).T
+    size = np.array(img.GetSize())
+    return np.all((idx >= -0.5) & (idx <= size - 0.5), axis=1)
+
+
+def _mask_at(mask_arr: np.ndarray, img: sitk.Image, pts: np.ndarray) -> np.ndarray:
+    d = np.array(img.GetDirection()).reshape(3, 3) * np.array(img.GetSpacing())[None, :]
+    idx = np.rint(np.linalg.solve(d, (pts - np.array(img.GetOrigin())).T).T).astype(int)
+    size = np.array(img.GetSize())
+    ok = np.all((idx >= 0) & (idx < size), axis=1)
+    out = np.zeros(len(pts), bool)
+    out[ok] = mask_arr[idx[ok, 2], idx[ok, 1], idx[ok, 0]] > 0
+    return out
+
+
+def overlap_evidence(fixed: sitk.Image, fixed_mask: sitk.Image, moving: sitk.Image, moving_mask: sitk.Image,
+                     moving_to_fixed: np.ndarray) -> tuple[float, float, float, np.ndarray | None]:
+    """Overlap of the two bodies under ``moving_to_fixed``.
+
+    Returns (fraction of the moving body inside the fixed grid, fraction of the fixed body
+    inside the moving grid, fraction of the smaller body's voxels that land on the other
+    body, (2, 3) min/max LPS box of the overlap in the fixed frame or None).
+    """
+    fm = sitk.GetArrayViewFromImage(fixed_mask)
+    mm = sitk.GetArrayViewFromImage(moving_mask)
+    fp, fidx = _grid_points(fixed, 2)
+    mp, midx = _grid_points(moving, 2)
+    f_body = fm[fidx] > 0
+    m_body = mm[midx] > 0
+    inv = np.linalg.inv(moving_to_fixed)
+    fp_in_m = fp[f_body] @ inv[:3, :3].T + inv[:3, 3]
+    mp_in_f = mp[m_body] @ moving_to_fixed[:3, :3].T + moving_to_fixed[:3, 3]
+    frac_m_in_f = float(_inside(fixed, mp_in_f).mean()) if m_body.any() else 0.0
+    frac_f_in_m = float(_inside(moving, fp_in_m).mean()) if f_body.any() else 0.0
+    f_on_m = _mask_at(mm, moving, fp_in_m)
+    m_on_f = _mask_at(fm, fixed, mp_in_f)
+    body_agreement = max(float(f_on_m.mean()) if f_on_m.size else 0.0, float(m_on_f.mean()) if m_on_f.size else 0.0)
+    both = fp[f_body][f_on_m]
+    box = np.stack([both.min(axis=0), both.max(axis=0)]) if len(both) >= 8 else None
+    return frac_m_in_f, frac_f_in_m, body_agreement, box
+
+
+def max_corner_displacement_mm(a: np.ndarray, b: np.ndarray, box: np.ndarray) -> float:
+    """Largest distance between where two moving->fixed transforms put the 8 corners of a
+    fixed-frame box (mapped back to the moving frame with ``a``)."""
+    lo, hi = box
+    corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+    ainv = np.linalg.inv(a)
+    src = corners @ ainv[:3, :3].T + ainv[:3, 3]  # moving-frame points that a maps to the corners
+    pb = src @ b[:3, :3].T + b[:3, 3]
+    return float(np.max(np.linalg.norm(pb - corners, axis=1)))
+
+
+# ---- registration ------------------------------------------------------------------
+
+def _method(params: VolumeRegistrationParameters, samples: int, seed: int, iterations: int,
+            fixed_mask: sitk.Image | None, learning_rate: float) -> sitk.ImageRegistrationMethod:
+    r = sitk.ImageRegistrationMethod()
+    r.SetMetricAsMattesMutualInformation(numberOfHistogramBins=params.histogram_bins)
+    r.SetMetricSamplingStrategy(r.RANDOM)
+    r.SetMetricSamplingPercentage(1.0, seed)  # replaced below by a fixed count
+    r.SetInterpolator(sitk.sitkLinear)
+    # gradients by central differences at the sample points, not a full gradient image per run
+    r.SetMetricUseFixedImageGradientFilter(False)
+    r.SetMetricUseMovingImageGradientFilter(False)
+    r.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=learning_rate, minStep=params.min_step, numberOfIterations=iterations,
+        relaxationFactor=params.relaxation, gradientMagnitudeTolerance=1e-8)
+    if fixed_mask is not None:
+        r.SetMetricFixedMask(fixed_mask)
+    return r
+
+
+def _run(fixed: sitk.Image, moving: sitk.Image, init: sitk.Euler3DTransform, *, params: VolumeRegistrationParameters,
+         samples: int, seed: int, iterations: int, shrink: tuple[int, ...], sigmas_mm: tuple[float, ...],
+         fixed_mask: sitk.Image | None, learning_rate: float) -> tuple[sitk.Euler3DTransform, float, str, int]:
+    n_vox = fixed.GetNumberOfPixels()
+    # a fixed number of samples at the finest level of this run
+    pct = min(1.0, samples / max(1, n_vox))
+    r = _method(params, samples, seed, iterations, fixed_mask, learning_rate)
+    r.SetMetricSamplingPercentagePerLevel([min(1.0, pct * (s ** 3)) for s in shrink], seed)
+    r.SetShrinkFactorsPerLevel(list(shrink))
+    r.SetSmoothingSigmasPerLevel(list(sigmas_mm))
+    r.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    r.SetOptimizerScalesFromPhysicalShift()
+    t = sitk.Euler3DTransform(init)
+    r.SetInitialTransform(t, inPlace=True)
+    try:
+        r.Execute(fixed, moving)
+    except RuntimeError as exc:
+        msg = str(exc).splitlines()[-1] if str(exc) else repr(exc)
+        if "samples" in msg.lower() or "too many samples" in msg.lower() or "outside" in msg.lower():
+            return t, 0.0, f"failed: {msg}", 0
+        raise RegistrationError(f"SimpleITK registration failed: {msg}") from exc
+    return t, float(r.GetMetricValue()), r.GetOptimizerStopConditionDescription(), int(r.GetOptimizerIteration())
+
+
+def _metric_value(fixed: sitk.Image, moving: sitk.Image, t: sitk.Transform, params: VolumeRegistrationParameters,
+                  samples: int, seed: int, fixed_mask: sitk.Image | None) -> float:
+    r = _method(params, samples, seed, 1, fixed_mask, 1.0)
+    r.SetMetricSamplingPercentage(min(1.0, samples / max(1, fixed.GetNumberOfPixels())), seed)
+    r.SetInitialTransform(sitk.Euler3DTransform(t), inPlace=False)
+    try:
+        return float(r.MetricEvaluate(fixed, moving))
+    except RuntimeError:
+        return 0.0
+
+
+def register_volumes(
+    fixed: Volume,
+    moving: Volume,
+    *,
+    params: VolumeRegistrationParameters = VolumeRegistrationParameters(),
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> VolumeRegistration:
+    """Rigidly register ``moving`` to ``fixed`` (Mattes MI, seeded, multi-start).
+
+    Parameters
+    ----------
+    fixed, moving
+        The volumes; ``fixed`` defines the registered frame.
+    params
+        :class:`VolumeRegistrationParameters`.
+    seed
+        Seeds metric sampling and the consistency perturbations: same inputs, same seed ->
+        the same transform.
+    progress
+        Optional ``callback(stage, fraction_done)``.
+
+    Returns
+    -------
+    VolumeRegistration
+        moving->fixed matrix and the evidence the gate needs.
+
+    Raises
+    ------
+    RegistrationError
+        Registration could not run at all (e.g. an empty image).
+    """
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    say = progress or (lambda stage, frac: None)
+    if params.threads:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(params.threads)
+
+    say("preparing images", 0.0)
+    f_full = volume_to_sitk(fixed, np.float32)
+    m_full = volume_to_sitk(moving, np.float32)
+    f_img = _shrink_to(f_full, params.target_spacing_mm)
+    m_img = _shrink_to(m_full, params.target_spacing_mm)
+    del f_full, m_full
+    f_mask, f_thr = _body_mask(f_img)
+    m_mask, m_thr = _body_mask(m_img)
+    f_coarse = _shrink_to(sitk.SmoothingRecursiveGaussian(f_img, params.coarse_spacing_mm / 2), params.coarse_spacing_mm)
+    m_coarse = _shrink_to(sitk.SmoothingRecursiveGaussian(m_img, params.coarse_spacing_mm / 2), params.coarse_spacing_mm)
+    fc_mask, _ = _body_mask(f_coarse)
+    f_sd = float(np.std(sitk.GetArrayViewFromImage(f_img)))
+    m_sd = float(np.std(sitk.GetArrayViewFromImage(m_img)))
+    if f_sd == 0 or m_sd == 0:
+        raise RegistrationError(
+            f"series {fixed.series_instance_uid if f_sd == 0 else moving.series_instance_uid} is a constant "
+            "image; there is nothing to register")
+    timings["prepare"] = time.perf_counter() - t0
+
+    # ---- coarse global search
+    t1 = time.perf_counter()
+    f_com = _centre_of_mass(f_mask)
+    m_com = _centre_of_mass(m_mask)
+    centre = f_com if f_com is not None else _image_centre(f_img)
+    translations = []
+    if f_com is not None and m_com is not None:
+        translations.append(("centre of mass", m_com - f_com))
+    translations.append(("geometric centre", _image_centre(m_img) - _image_centre(f_img)))
+    candidates: list[tuple[float, np.ndarray, str]] = []
+    n_starts = len(translations) * len(params.rotation_starts_deg)
+    done = 0
+    for tname, trans in translations:
+        for rot in params.rotation_starts_deg:
+            # fixed->moving start: rotate about the fixed centre, then shift centres
+            m = np.eye(4)
+            R = _rot(rot)
+            m[:3, :3] = R
+            m[:3, 3] = centre + trans - R @ centre
+            init = _euler_from_matrix(m, centre)
+            t, metric, stop, _ = _run(f_coarse, m_coarse, init, params=params, samples=params.coarse_samples,
+                                      seed=seed, iterations=params.coarse_iterations, shrink=(1,), sigmas_mm=(0.0,),
+                                      fixed_mask=fc_mask, learning_rate=params.learning_rate * 2)
+            if not stop.startswith("failed"):
+                candidates.append((metric, _matrix_of(t), f"{tname} {rot}"))
+            done += 1
+            say("global search", 0.5 * done / n_starts)
+    if not candidates:
+        raise RegistrationError(
+            f"no start of the global search overlapped: series {moving.series_instance_uid} and "
+            f"{fixed.series_instance_uid} do not seem to share anatomy")
+    candidates.sort(key=lambda c: c[0])
+    timings["global_search"] = time.perf_counter() - t1
+    log.info("global search: best %.4f (%s), %d candidates", candidates[0][0], candidates[0][2], len(candidates))
+
+    # ---- pyramid images, built once and shared by every refinement
+    levels: list[tuple[sitk.Image, sitk.Image, sitk.Image]] = []
+    for shrink, sigma in zip(params.pyramid_shrink, params.pyramid_sigma_mm):
+        fl, ml = f_img, m_img
+        if sigma > 0:
+            fl = sitk.SmoothingRecursiveGaussian(fl, sigma)
+            ml = sitk.SmoothingRecursiveGaussian(ml, sigma)
+        if shrink > 1:
+            fl = sitk.BinShrink(fl, [shrink] * 3)
+            ml = sitk.BinShrink(ml, [shrink] * 3)
+        ml_mask = f_mask if shrink == 1 else sitk.Cast(sitk.BinShrink(f_mask, [shrink] * 3) > 0.5, sitk.sitkUInt8)
+        levels.append((fl, ml, ml_mask))
+
+    def refine(start_f2m: np.ndarray, run_seed: int, n_levels: int | None = None) -> tuple[float, np.ndarray, str, int]:
+        t = _euler_from_matrix(start_f2m, centre)
+        metric, stop, its = 0.0, "not run", 0
+        for fl, ml, mk in levels[: n_levels or len(levels)]:
+            t, metric, stop, its = _run(fl, ml, t, params=params, samples=params.metric_samples, seed=run_seed,
+                                        iterations=params.max_iterations, shrink=(1,), sigmas_mm=(0.0,),
+                                        fixed_mask=mk, learning_rate=params.learning_rate)
+            if stop.startswith("failed"):
+                break
+        return metric, _matrix_of(t), stop, its
+
+    # ---- refinement of the best two distinct candidates
+    t2 = time.perf_counter()
+    refined: list[tuple[float, np.ndarray, str, int, str]] = []
+    tried: list[np.ndarray] = []
+    for metric0, mat, label in candidates:
+        if any(np.abs(mat - o).max() < 1.0 and np.abs(mat[:3, :3] - o[:3, :3]).max() < 0.02 for o in tried):
+            continue
+        tried.append(mat)
+        metric, f2m, stop, its = refine(mat, seed)
+        refined.append((metric, f2m, stop, its, label))
+        if len(tried) >= 2:
+            break
+    refined.sort(key=lambda c: c[0])
+    best_metric, best_f2m, best_stop, best_its, best_label = refined[0]
+    timings["refine"] = time.perf_counter() - t2
+    say("refinement", 0.75)
+
+    moving_to_fixed = np.linalg.inv(best_f2m)
+    frac_m, frac_f, body_agree, box = overlap_evidence(f_img, f_mask, m_img, m_mask, moving_to_fixed)
+
+    # ---- consistency: restart from perturbed poses and compare
+    t3 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    consistency = 0.0
+    alternative_mm = float("nan")
+    if box is None:
+        consistency = float("inf")
+    else:
+        if len(refined) > 1:
+            alternative_mm = max_corner_displacement_mm(moving_to_fixed, np.linalg.inv(refined[1][1]), box)
+        for _ in range(params.consistency_starts):  # noqa: B007 (index seeds the run)
+            axis = rng.normal(size=3)
+            axis /= np.linalg.norm(axis)
+            ang = math.radians(params.consistency_perturbation_deg)
+            K = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+            R = np.eye(3) + math.sin(ang) * K + (1 - math.cos(ang)) * K @ K
+            shift = rng.normal(size=3)
+            shift = shift / np.linalg.norm(shift) * params.consistency_perturbation_mm
+            box_c = box.mean(axis=0)
+            pert = np.eye(4)
+            pert[:3, :3] = R
+            pert[:3, 3] = box_c - R @ box_c + shift  # rotate about the overlap centre, then shift
+            start = best_f2m @ pert
+            _, f2m, _, _ = refine(start, seed + 1 + _)
+            other = np.linalg.inv(f2m)
+            consistency = max(consistency, max_corner_displacement_mm(moving_to_fixed, other, box))
+    timings["consistency"] = time.perf_counter() - t3
+    say("consistency", 1.0)
+
+    converged = not best_stop.startswith("failed") and "Maximum number of iterations" not in best_stop
+    metrics = {
+        "final_metric": best_metric,
+        "optimizer_iterations": float(best_its),
+        "overlap_fraction": max(frac_m, frac_f),
+        "moving_body_in_fixed_fraction": frac_m,
+        "fixed_body_in_moving_fraction": frac_f,
+        "body_agreement_fraction": body_agree,
+        "consistency_mm": consistency,
+        "second_start_displacement_mm": alternative_mm,
+        "global_search_best_metric": candidates[0][0],
+        "fixed_body_threshold": f_thr,
+        "moving_body_threshold": m_thr,
+    }
+    timings["total"] = time.perf_counter() - t0
+    log.info("registered %s -> %s: metric %.4f, overlap %.2f, consistency %.3f mm, %s (%.2f s)",
+             moving.series_instance_uid, fixed.series_instance_uid, best_metric, metrics["overlap_fraction"],
+             consistency, best_stop, timings["total"])
+    return VolumeRegistration(
+        matrix_moving_to_fixed=moving_to_fixed,
+        final_metric=best_metric,
+        stop_condition=best_stop,
+        converged=converged,
+        iterations=best_its,
+        overlap_fraction=metrics["overlap_fraction"],
+        consistency_mm=consistency,
+        metrics=metrics,
+        parameters=params,
+        seed=seed,
+        timings_s=timings,
+        overlap_box_fixed=box,
+    )
+
+
+def parameters_dict(params: VolumeRegistrationParameters) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(params).items()}
+
+
+# ---- gate --------------------------------------------------------------------------
+
+def evaluate_gate(reg: VolumeRegistration, gate: VolumeGateThresholds) -> tuple[Verdict, tuple[str, ...], tuple[QualityCheck, ...]]:
+    """Decide accepted / rejected / needs_review from the measured evidence.
+
+    Every check is returned as a :class:`QualityCheck`; a failed ``reject`` check rejects,
+    otherwise a failed ``review`` check routes the fusion to review.
+    """
+    checks: list[QualityCheck] = []
+
+    def check(name: str, value: float, threshold: float, comparison: str, severity: str, description: str) -> None:
+        v = float(value)
+        if math.isnan(v):
+            passed = False
+        elif comparison == "<=":
+            passed = v <= threshold
+        elif comparison == ">=":
+            passed = v >= threshold
+        elif comparison == "<":
+            passed = v < threshold
+        else:
+            passed = v > threshold
+        checks.append(QualityCheck(name, v if math.isfinite(v) else 1e9, float(threshold), comparison,  # type: ignore[arg-type]
+                                   passed, severity, description))  # type: ignore[arg-type]
+
+    check("final_metric", reg.final_metric, gate.max_final_metric, "<=", "reject",
+          "Mattes mutual information at the solution (negated; lower is better)")
+    check("overlap_fraction", reg.overlap_fraction, gate.min_overlap_fraction, ">=", "reject",
+          "fraction of the smaller body's voxels inside the other volume's field of view")
+    check("overlap_fraction_review", reg.overlap_fraction, gate.review_overlap_fraction, ">=", "review",
+          "small overlap: the registration rests on little shared anatomy")
+    check("body_agreement", reg.metrics.get("body_agreement_fraction", 0.0), gate.min_body_agreement, ">=", "reject",
+          "fraction of the overlapping body voxels that land on the other volume's body")
+    check("consistency_mm", reg.consistency_mm, gate.reject_consistency_mm, "<=", "reject",
+          "largest disagreement (overlap-box corners) between restarts from perturbed poses")
+    check("consistency_mm_review", reg.consistency_mm, gate.max_consistency_mm, "<=", "review",
+          "restarts from perturbed poses disagree more than the review threshold")
+    if gate.require_convergence:
+        check("converged", 1.0 if reg.converged else 0.0, 1.0, ">=", "reject",
+              f"optimizer stop condition: {reg.stop_condition}")
+    failed_reject = [c for c in checks if not c.passed and c.severity == "reject"]
+    failed_review = [c for c in checks if not c.passed and c.severity == "review"]
+    reasons = tuple(
+        f"{c.name}: {c.value:.4g} not {c.comparison} {c.threshold:.4g} ({c.description})"
+        for c in failed_reject + failed_review
+    )
+    verdict: Verdict = "rejected" if failed_reject else "needs_review" if failed_review else "accepted"
+    if verdict == "accepted":
+        reasons = ("every quality check passed",)
+    return verdict, reasons, tuple(checks)

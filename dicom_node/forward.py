@@ -318,7 +318,7 @@ class ForwardQueue:
         return [self.enqueue(p, destination_name, now=now) for p in paths]
 
     # -- inspection ---------------------------------------------------------------------
-    def counts(self, destination: str | None = None) -> dict[str, int]:
+    def counts(self, destination: str | None = None, *, now: float | None = None) -> dict[str, int]:
         """Jobs per state (``pending``, ``done``, ``dead``) plus ``due`` (pending and due now)
         and ``total``; for one destination or all."""
         where, args = ("WHERE destination=?", (destination,)) if destination else ("", ())
@@ -329,7 +329,7 @@ class ForwardQueue:
             due = self._conn.execute(
                 "SELECT count(*) FROM forward_jobs WHERE state='pending' AND next_attempt_at<=?"
                 + (" AND destination=?" if destination else ""),
-                (self.clock(),) + args,
+                (self.clock() if now is None else now,) + args,
             ).fetchone()[0]
         out = {s: 0 for s in STATES}
         for r in rows:

@@ -24,6 +24,7 @@ import logging
 import os
 import ssl
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from pydicom.dataset import Dataset
@@ -204,14 +205,19 @@ class RetrievedStoreHandler:
                                            f"{getattr(acceptor, 'address', '')}:{getattr(acceptor, 'port', '')}")
         sop_uid = str(event.request.AffectedSOPInstanceUID)
         tmp = None
+        # With pynetdicom's chunked receive on (the listener turns it on process-wide) the
+        # dataset is already in a file that pynetdicom does not remove on the SCU side.
+        chunked = getattr(event.request, "_dataset_path", None)
         try:
             tmp, fh = self.store.new_temp_file()
             with fh:
-                src_path = getattr(event.request, "_dataset_path", None)  # chunked receive
-                if src_path is None:
+                if chunked is None:
                     fh.write(event.encoded_dataset(include_meta=True))
                 else:
-                    with open(src_path, "rb") as src:
+                    part = getattr(event.request, "_dataset_file", None)
+                    if part is not None:
+                        part.close()
+                    with open(chunked, "rb") as src:
                         while chunk := src.read(1 << 20):
                             fh.write(chunk)
                 fh.flush()
@@ -232,6 +238,8 @@ class RetrievedStoreHandler:
         finally:
             if tmp is not None:
                 self.store.discard(tmp)
+            if chunked is not None:
+                self.store.discard(Path(chunked))
         if self._tally is not None:
             self._tally.ok(result.instance.study_instance_uid, result.instance.patient_key)
         if self.on_accepted is not None:

@@ -217,3 +217,67 @@ class OrthancServer:
         if oid is None:
             raise KeyError(f"Orthanc has no instance {sop_instance_uid}")
         return self.get_bytes(f"/instances/{oid}/file")
+
+
+# -- small deterministic series for the PACS tests ---------------------------------------------
+def make_series(out: Path, *, n: int = 4, seed: int = 1, patient_id: str = "DF-0001",
+                modality: str = "CT", sop_class_uid: str = "1.2.840.10008.5.1.4.1.1.2",
+                transfer_syntax_uid: str = "1.2.840.10008.1.2.1", rows: int = 32, cols: int = 32,
+                study_instance_uid: str | None = None, study_date: str = "20250101") -> list[Path]:
+    """Write ``n`` single-frame int16 slices (seeded pixels and UIDs) as Part 10 files.
+
+    Uncompressed only (Explicit or Implicit VR Little Endian); returns the paths in
+    slice order.
+    """
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import generate_uid
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+
+    def uid(*parts: object) -> str:
+        return generate_uid(entropy_srcs=[str(seed), patient_id, modality, *map(str, parts)])
+
+    study = study_instance_uid or uid("study")
+    series, frame = uid("series"), uid("frame")
+    paths = []
+    for i in range(n):
+        sop = uid("sop", i)
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = sop_class_uid
+        ds.file_meta.MediaStorageSOPInstanceUID = sop
+        ds.file_meta.TransferSyntaxUID = transfer_syntax_uid
+        ds.SOPClassUID, ds.SOPInstanceUID = sop_class_uid, sop
+        ds.PatientID, ds.PatientName = patient_id, "Synthetic^Patient"
+        ds.PatientBirthDate, ds.PatientSex = "19800101", "F"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = study_date, "101010", f"A{seed}", "1"
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = modality, seed, i + 1
+        ds.StudyDescription, ds.SeriesDescription = "synthetic", f"{modality} series {seed}"
+        ds.ImagePositionPatient = [0.0, 0.0, 0.5 * i]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ds.PixelSpacing, ds.SliceThickness = [0.5, 0.5], 0.5
+        ds.Rows, ds.Columns, ds.SamplesPerPixel = rows, cols, 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+        ds.PixelData = rng.integers(-1000, 3000, (rows, cols), dtype=np.int16).tobytes()
+        path = out / f"{i:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def dataset_bytes(data: bytes) -> bytes:
+    """The bytes of a Part 10 file after its File Meta Information group."""
+    import io
+
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    fh = io.BytesIO(data)
+    read_preamble(fh, False)
+    _read_file_meta_info(fh)
+    return data[fh.tell():]

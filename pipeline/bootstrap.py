@@ -1,0 +1,387 @@
+"""One place that builds the running system from a :class:`~pipeline.config.Config`.
+
+``App`` wires:
+
+* the DICOM node (listener, store, index, stability monitor) of ``dicom_node``;
+* the planner loop: persisted ``SeriesStable`` events -> :func:`pipeline.planner.plan_fusions`
+  over the node's index -> jobs in the :class:`~pipeline.jobs.JobQueue` (idempotent keys),
+  then the events are acknowledged (at least once: a crash before the ack re-plans, which
+  the job keys make harmless);
+* the worker pool (:class:`~pipeline.worker.WorkerPool`, one process per fusion);
+* ``finalize`` for each computed fusion, in this process: billing decision (ledgered), the
+  report (PDF + HTML, its hash ledgered), forwarding of accepted outputs to the configured
+  PACS through the node's :class:`~dicom_node.forward.ForwardQueue`;
+* documentation follow-up: a documented decision gets a new report version, then its claim
+  is exported (FHIR + X12) and the outbox delivers it.
+
+Every step is idempotent by fusion id, so a restart at any moment neither duplicates a
+fusion nor a decision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.config import Config
+from pipeline.inventory import IndexInventory
+from pipeline.jobs import Job, JobSpec, SqliteJobQueue
+from pipeline.planner import FusionPlanRules, PlannedFusion, plan_fusions
+from pipeline.report import FusionReport, LedgerRef, existing_versions, write_report
+from pipeline.worker import WorkerPool
+
+log = logging.getLogger(__name__)
+
+JOBS_FILE = "jobs.sqlite3"
+FORWARD_KINDS = ("derived_series", "registration", "encapsulated_stl", "segmentation")
+
+
+def fusions_dir(data_dir: Path) -> Path:
+    return Path(data_dir) / "fusions"
+
+
+def reports_dir(data_dir: Path) -> Path:
+    return Path(data_dir) / "reports"
+
+
+def open_job_queue(cfg: Config) -> SqliteJobQueue:
+    return SqliteJobQueue(Path(cfg.data_dir) / JOBS_FILE, max_attempts=cfg.fusion.job_max_attempts)
+
+
+def build_billing(cfg: Config, clock: Callable[[], Any] | None = None) -> Any:
+    """The billing hook for ``cfg`` (ledger, rules, exports, outbox in the data directory)."""
+    from billing_hooks.service import BillingHook
+
+    return BillingHook.from_config(cfg, clock=clock) if hasattr(BillingHook, "from_config") else BillingHook(
+        Path(cfg.data_dir), cfg.billing.policy, cfg.billing.delivery, **_provider_kwargs(cfg), clock=clock)
+
+
+def _provider_kwargs(cfg: Config) -> dict[str, Any]:
+    import inspect
+
+    from billing_hooks.service import BillingHook
+
+    params = inspect.signature(BillingHook.__init__).parameters
+    if "provider" not in params:
+        return {}
+    try:
+        from billing_hooks.service import Provider  # type: ignore[attr-defined]
+    except ImportError:
+        return {}
+    b = cfg.billing
+    fields = {f.name for f in dataclasses.fields(Provider)}
+    values = {"npi": b.provider_npi, "name": b.provider_name, "payer_id": b.payer_id, "payer_name": b.payer_name}
+    return {"provider": Provider(**{k: v for k, v in values.items() if k in fields})}
+
+
+class App:
+    """The running dentfuse: node + planner + workers + billing + forwarding.
+
+    Parameters
+    ----------
+    cfg:
+        The configuration (``node.port`` 0 binds a free port).
+    workers:
+        Start the fusion worker pool (False: plan only, e.g. for tests of the planner).
+    planner_interval_s:
+        How often the planner looks at stability events (default: the stability monitor's
+        ``check_interval_s``).
+    """
+
+    def __init__(self, cfg: Config, *, workers: bool = True, planner_interval_s: float | None = None,
+                 billing: Any | None = None) -> None:
+        from dicom_node.server import DicomNode
+
+        self.cfg = cfg
+        self.data_dir = Path(cfg.data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.node = DicomNode(cfg.node, cfg.stability, self.data_dir)
+        self.jobs = open_job_queue(cfg)
+        self.inventory = IndexInventory(self.node.index, self.node.stability_monitor)
+        self.rules = FusionPlanRules.from_settings(cfg.fusion)
+        self.billing = billing if billing is not None else build_billing(cfg)
+        self.forward = None
+        if cfg.pacs.destinations:
+            from dicom_node.forward import ForwardQueue
+
+            self.forward = ForwardQueue(self.data_dir, cfg.pacs, cfg.node.ae_title)
+        self.pool = WorkerPool(self.jobs, fusions_dir(self.data_dir), self.finalize, workers=cfg.fusion.workers,
+                               on_job_finished=self._job_finished) if workers else None
+        self.planner_interval_s = planner_interval_s or max(0.1, cfg.stability.check_interval_s)
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_delivery = 0.0
+        self._lock = threading.RLock()
+        self.port = 0
+        self.node.stability_monitor.subscribe(lambda _ev: self._wake.set())
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> int:
+        """Start listener, stability monitor, planner, workers and forwarding; return the port."""
+        self.port = self.node.start()
+        if self.forward is not None:
+            self.forward.start(poll_interval_s=2.0)
+        if self.pool is not None:
+            self.pool.start()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="dentfuse-planner", daemon=True)
+        self._thread.start()
+        log.info("dentfuse running on port %d (data %s, %d worker(s))", self.port, self.data_dir,
+                 self.cfg.fusion.workers)
+        return self.port
+
+    def stop(self, worker_grace_s: float = 10.0) -> None:
+        """Stop taking new work, let running fusions finish (up to ``worker_grace_s``, then
+        their jobs are re-queued for the next start), stop forwarding, close the node."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        self.node.stop()  # no new instances while the rest winds down
+        if self.pool is not None:
+            self.pool.stop(timeout_s=worker_grace_s)
+        if self.forward is not None:
+            self.forward.stop()
+        self.close()
+
+    def close(self) -> None:
+        for closer in (getattr(self.forward, "close", None), getattr(self.billing, "close", None),
+                       self.node.close, self.jobs.close):
+            if closer is None:
+                continue
+            try:
+                closer()
+            except Exception:
+                log.exception("error while closing")
+
+    def run_until_signal(self, on_started: Callable[["App"], None] | None = None,
+                         stop_event: threading.Event | None = None) -> int:
+        """Run until SIGINT/SIGTERM (or ``stop_event``); shut down cleanly; return 0."""
+        stop = stop_event or threading.Event()
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            def _on_signal(signum: int, _frame: Any) -> None:
+                log.info("signal %d: shutting down", signum)
+                stop.set()
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, _on_signal)
+        try:
+            self.start()
+            if on_started is not None:
+                on_started(self)
+            while not stop.wait(0.5):
+                pass
+        finally:
+            self.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return 0
+
+    # -- the planner loop -------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.step()
+            except Exception:
+                log.exception("planner step failed; trying again")
+            self._wake.wait(self.planner_interval_s)
+            self._wake.clear()
+
+    def step(self) -> None:
+        """One round: plan from stability events, follow up documentation, deliver the outbox."""
+        with self._lock:
+            self.process_stability_events()
+            self.follow_up_documentation()
+            now = time.monotonic()
+            if now - self._last_delivery >= 2.0:
+                self._last_delivery = now
+                try:
+                    self.billing.deliver_pending()
+                except Exception:
+                    log.exception("claim delivery round failed; the outbox retries")
+
+    def _job_finished(self, job: Job) -> None:
+        self._wake.set()
+
+    def process_stability_events(self) -> int:
+        """Plan fusions for every patient with pending stability events; ack the events.
+        Returns the number of new jobs."""
+        monitor = self.node.stability_monitor
+        events = monitor.pending_events()
+        if not events:
+            return 0
+        created = 0
+        by_patient: dict[str, list[Any]] = {}
+        for ev in events:
+            by_patient.setdefault(ev.patient_key, []).append(ev)
+        for patient, evs in by_patient.items():
+            try:
+                created += sum(1 for _job, new in self.plan_patient(patient) if new)
+            except Exception:
+                log.exception("planning for patient %s failed; the events stay pending", patient)
+                continue
+            for ev in evs:
+                monitor.ack(ev.event_id)
+        return created
+
+    def plan_patient(self, patient_key: str) -> list[tuple[Job, bool]]:
+        """Plan and enqueue the fusions of one patient (idempotent)."""
+        series = self.inventory.stable_series(patient_key)
+        out = []
+        for plan in plan_fusions(patient_key, series, self.rules):
+            job, created = self.jobs.enqueue(self.job_spec(plan))
+            if created:
+                log.info("planned fusion %s (%s) for patient %s: %s + %s (job %d)", plan.fusion_id, plan.rule,
+                         patient_key, plan.fixed.series_instance_uid, plan.moving.series_instance_uid, job.job_id)
+            out.append((job, created))
+        if any(new for _j, new in out) and self.pool is not None:
+            self.pool.wake()
+        return out
+
+    def job_spec(self, plan: PlannedFusion) -> JobSpec:
+        gate = self.cfg.fusion.surface_gate if plan.kind == "surface" else self.cfg.fusion.volume_gate
+        aets = self.inventory.calling_ae_titles(plan.moving.series_instance_uid) or ["dentfuse"]
+
+        def side(s: Any) -> dict[str, Any]:
+            return {"series_instance_uid": s.series_instance_uid, "study_instance_uid": s.study_instance_uid,
+                    "modality": s.modality, "kind": s.kind, "acquisition_date": s.acquisition_date,
+                    "paths": list(s.paths)}
+
+        payload = {
+            "kind": plan.kind, "rule": plan.rule, "fusion_id": plan.fusion_id, "purpose": plan.purpose,
+            "seed": self.cfg.fusion.seed, "operator": aets[0], "gate": dataclasses.asdict(gate),
+            "fixed": side(plan.fixed), "moving": side(plan.moving), "notes": list(plan.notes),
+        }
+        return JobSpec(key=plan.key, kind=plan.kind, patient_key=plan.patient_key, payload=payload)
+
+    # -- after a fusion ---------------------------------------------------------------------
+    def finalize(self, job: Job, result: Any, stage: Callable[[str], None]) -> str:
+        """Decide, report and forward one computed fusion; idempotent by fusion id."""
+        fid = result.fusion_id
+        stage("billing decision")
+        with self._lock:
+            decision = self.billing.decision(fid)
+            if decision is None:
+                decision = self.billing.record_fusion(result, operator=str(job.payload.get("operator", "")))
+            stage("report")
+            self.ensure_report(result, decision)
+        if result.verdict == "accepted" and self.forward is not None and self.cfg.pacs.forward_outputs:
+            stage("forwarding to PACS")
+            self.forward_outputs(result)
+        return "needs_review" if result.verdict == "needs_review" else "done"
+
+    def ledger_refs(self, fusion_id: str) -> list[LedgerRef]:
+        ledger = getattr(self.billing, "ledger", None)
+        if ledger is None:
+            return []
+        return [LedgerRef(e.seq, e.kind, e.hash, e.recorded_at) for e in ledger.entries(fusion_id=fusion_id)]
+
+    def ensure_report(self, result: Any, decision: Any) -> FusionReport | None:
+        """Write (and ledger) a report unless the current one already shows this decision
+        state (same status and rationale). Returns the new report or None."""
+        rdir = reports_dir(self.data_dir) / result.fusion_id
+        state = {"status": decision.status, "rationale": decision.rationale or ""}
+        versions = existing_versions(rdir, result.fusion_id)
+        if versions:
+            latest = rdir / f"{result.fusion_id}-R{versions[-1]}.json"
+            try:
+                meta = json.loads(latest.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                meta = {}
+            if meta.get("state") == state:
+                if decision.report_id != meta.get("report_id"):
+                    # written but not attached (a crash in between): attach it now
+                    self.billing.attach_report(result.fusion_id, report_id=meta["report_id"],
+                                               path=Path(meta["pdf"]), sha256=meta["pdf_sha256"])
+                return None
+        report = write_report(result, decision, rdir, ledger=self.ledger_refs(result.fusion_id))
+        meta = {"report_id": report.report_id, "pdf": str(report.pdf_path), "html": str(report.html_path),
+                "pdf_sha256": report.pdf_sha256, "html_sha256": report.html_sha256, "state": state}
+        (rdir / f"{report.report_id}.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        self.billing.attach_report(result.fusion_id, report_id=report.report_id, path=report.pdf_path,
+                                   sha256=report.pdf_sha256)
+        log.info("fusion %s: report %s written", result.fusion_id, report.report_id)
+        return report
+
+    def forward_outputs(self, result: Any) -> int:
+        """Queue the fusion's DICOM outputs for every configured PACS destination."""
+        if self.forward is None:
+            return 0
+        n = 0
+        for out in result.outputs:
+            if out.kind not in FORWARD_KINDS:
+                continue
+            p = Path(out.path)
+            files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+            for f in files:
+                if f.suffix.lower() not in (".dcm", "") and not f.name.endswith(".dcm"):
+                    continue
+                for dest in self.cfg.pacs.destinations:
+                    self.forward.enqueue(f, dest.name)
+                    n += 1
+        log.info("fusion %s: %d output instance(s) queued for PACS", result.fusion_id, n)
+        return n
+
+    def load_result(self, fusion_id: str) -> Any:
+        from fusion.records import FusionResult
+
+        return FusionResult.from_json((fusions_dir(self.data_dir) / fusion_id / "result.json").read_text("utf-8"))
+
+    def document(self, fusion_id: str, rationale: str, clinician: str) -> Any:
+        """Record the clinical rationale, write the report's next version, export the claim."""
+        with self._lock:
+            self.billing.document(fusion_id, rationale=rationale, clinician=clinician)
+            self.follow_up_documentation(only=fusion_id)
+            return self.billing.decision(fusion_id)
+
+    def follow_up_documentation(self, only: str | None = None) -> int:
+        """For every documented decision: a report showing the rationale, then the export.
+        Returns how many claims were exported."""
+        exported = 0
+        for decision in self._decisions(only):
+            if decision.status != "ready_to_bill" or not decision.rationale:
+                continue
+            result_file = fusions_dir(self.data_dir) / decision.fusion_id / "result.json"
+            if not result_file.is_file():
+                continue
+            self.ensure_report(self.load_result(decision.fusion_id), decision)
+            self.billing.export(decision.fusion_id)
+            exported += 1
+        return exported
+
+    def _decisions(self, only: str | None) -> list[Any]:
+        if only is not None:
+            d = self.billing.decision(only)
+            return [d] if d is not None else []
+        lister = getattr(self.billing, "decisions", None)
+        if lister is None:
+            return []
+        return list(lister())
+
+    # -- waiting (demo, tests) ------------------------------------------------------------------
+    def idle(self) -> bool:
+        """Nothing left to do: every series stable and planned, no queued or running job."""
+        for s in self.node.index.series():
+            if not self.node.stability_monitor.is_stable(s.series_instance_uid):
+                return False
+        if self.node.stability_monitor.pending_events(limit=1):
+            return False
+        c = self.jobs.counts()
+        return c["queued"] == 0 and c["running"] == 0
+
+    def wait_idle(self, timeout_s: float, poll_s: float = 0.1) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.idle():
+                return True
+            time.sleep(poll_s)
+        return False

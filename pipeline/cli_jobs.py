@@ -1,0 +1,311 @@
+"""``dentfuse import`` (files into the node's index) and ``dentfuse status``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.cli_common import build_config, common_options, emit_json
+from pipeline.config import Config
+
+log = logging.getLogger(__name__)
+
+MESH_SUFFIXES = (".stl", ".ply", ".obj")
+
+
+class ImportProblem(click.ClickException):
+    """A file cannot be imported; the message names it and the remedy."""
+
+
+# ------------------------------------------------------------------------------ import
+def is_dicom_file(path: Path) -> bool:
+    """A DICOM Part 10 file (preamble + ``DICM``)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+@dataclass(frozen=True)
+class MeshIdentity:
+    patient_id: str
+    issuer_of_patient_id: str = ""
+    study_instance_uid: str = ""
+    patient_name: str = ""
+    study_date: str = ""
+    source: str = "flags"
+
+
+def mesh_identity(mesh: Path, patient_id: str | None, issuer: str | None, study_uid: str | None,
+                  patient_name: str | None) -> MeshIdentity:
+    """Patient and study of a scan file: command-line flags win, else a sidecar JSON
+    (``upper.stl.json`` or ``upper.json`` next to the file) with ``patient_id``,
+    ``issuer_of_patient_id``, ``study_instance_uid``, ``patient_name``, ``study_date``."""
+    side: dict[str, Any] = {}
+    used = ""
+    for cand in (mesh.with_name(mesh.name + ".json"), mesh.with_suffix(".json")):
+        if cand.is_file():
+            try:
+                side = json.loads(cand.read_text(encoding="utf-8"))
+            except ValueError as exc:
+                raise ImportProblem(f"{cand}: sidecar is not valid JSON ({exc}); fix it or pass --patient-id") from None
+            if not isinstance(side, dict):
+                raise ImportProblem(f"{cand}: sidecar must be a JSON object with patient_id, study_instance_uid")
+            used = str(cand)
+            break
+    pid = patient_id or str(side.get("patient_id", "") or "")
+    if not pid:
+        raise ImportProblem(
+            f"{mesh}: no patient for this scan; pass --patient-id (and --study-uid) or put a sidecar "
+            f"{mesh.name}.json with patient_id and study_instance_uid next to it")
+    return MeshIdentity(
+        patient_id=pid,
+        issuer_of_patient_id=issuer if issuer is not None else str(side.get("issuer_of_patient_id", "") or ""),
+        study_instance_uid=study_uid or str(side.get("study_instance_uid", "") or ""),
+        patient_name=patient_name if patient_name is not None else str(side.get("patient_name", "") or ""),
+        study_date=str(side.get("study_date", "") or ""),
+        source="flags" if patient_id else f"sidecar {used}",
+    )
+
+
+def wrap_mesh(mesh: Path, ident: MeshIdentity, out_dir: Path) -> Path:
+    """Wrap an STL/PLY/OBJ scan into a DICOM Encapsulated STL file in ``out_dir``."""
+    from fusion.surface import load_scan
+    from fusion.surface_outputs import write_encapsulated_stl
+
+    scan = load_scan(mesh)
+    out = out_dir / (mesh.stem + ".dcm")
+    kwargs: dict[str, Any] = {"patient_id": ident.patient_id, "issuer_of_patient_id": ident.issuer_of_patient_id,
+                              "study_instance_uid": ident.study_instance_uid or None,
+                              "patient_name": ident.patient_name, "study_date": ident.study_date or None}
+    import inspect
+
+    params = inspect.signature(write_encapsulated_stl).parameters
+    accepted = {k: v for k, v in kwargs.items() if k in params and v is not None}
+    written = write_encapsulated_stl(scan, out, **accepted)
+    return Path(getattr(written, "path", written) if not isinstance(written, (str, Path)) else written)
+
+
+def iter_inputs(paths: Iterable[Path]) -> Iterable[Path]:
+    for p in paths:
+        if p.is_dir():
+            yield from sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        elif p.is_file():
+            yield p
+        else:
+            raise ImportProblem(f"{p} does not exist")
+
+
+def import_paths(cfg: Config, paths: list[Path], *, patient_id: str | None = None, issuer: str | None = None,
+                 study_uid: str | None = None, patient_name: str | None = None,
+                 calling_ae_title: str = "IMPORT") -> dict[str, Any]:
+    """Import DICOM files and scan files into the data directory's store and index.
+
+    Returns a summary: imported instances (SOP UID, series, kind), skipped files with the reason.
+    """
+    from dicom_node.errors import DicomNodeError
+    from dicom_node.index import InstanceIndex
+    from dicom_node.ingest import ingest_file
+    from dicom_node.server import INDEX_FILE
+    from dicom_node.storage import InstanceStore
+
+    data_dir = Path(cfg.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    store = InstanceStore(data_dir)
+    index = InstanceIndex(data_dir / INDEX_FILE)
+    imported: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="dentfuse-import-") as tmp:
+            for f in iter_inputs(paths):
+                src = f
+                if f.suffix.lower() in MESH_SUFFIXES:
+                    ident = mesh_identity(f, patient_id, issuer, study_uid, patient_name)
+                    src = wrap_mesh(f, ident, Path(tmp))
+                elif f.suffix.lower() == ".json" or not is_dicom_file(f):
+                    if f.suffix.lower() != ".json":
+                        skipped.append({"path": str(f), "reason": "neither a DICOM Part 10 file nor a STL/PLY/OBJ scan"})
+                    continue
+                try:
+                    rec = ingest_file(src, store, index, calling_ae_title=calling_ae_title,
+                                      duplicate_policy=cfg.node.duplicate_policy)
+                except DicomNodeError as exc:
+                    skipped.append({"path": str(f), "reason": str(exc)})
+                    continue
+                imported.append({"path": str(f), "sop_instance_uid": rec.sop_instance_uid,
+                                 "series_instance_uid": rec.series_instance_uid, "patient_key": rec.patient_key,
+                                 "kind": rec.kind, "modality": rec.modality, "stored": rec.path})
+    finally:
+        index.close()
+    series = sorted({(i["patient_key"], i["series_instance_uid"], i["kind"], i["modality"]) for i in imported})
+    return {"imported": imported, "skipped": skipped,
+            "series": [{"patient_key": p, "series_instance_uid": s, "kind": k, "modality": m} for p, s, k, m in series]}
+
+
+@click.command("import")
+@common_options
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--patient-id", default=None, help="Patient ID for STL/PLY/OBJ scans (else from a sidecar JSON).")
+@click.option("--issuer", default=None, help="Issuer of Patient ID for the scans.")
+@click.option("--study-uid", default=None, help="Study Instance UID for the scans (default: a new study).")
+@click.option("--patient-name", default=None, help="Patient name to write into the wrapped scan (optional).")
+def import_cmd(cfg_opts: dict[str, Any], as_json: bool, paths: tuple[Path, ...], patient_id: str | None,
+               issuer: str | None, study_uid: str | None, patient_name: str | None) -> None:
+    """Import folders of DICOM files and STL/PLY/OBJ scans into the index, as if received.
+
+    A running `dentfuse serve` on the same data directory plans fusions for them once
+    their series are quiet (stability.quiet_period_s)."""
+    cfg = build_config(cfg_opts)
+    summary = import_paths(cfg, list(paths), patient_id=patient_id, issuer=issuer, study_uid=study_uid,
+                           patient_name=patient_name)
+    if as_json:
+        emit_json(summary)
+    else:
+        console = Console()
+        t = Table(title=f"imported into {cfg.data_dir}")
+        for col in ("patient", "series UID", "kind", "modality", "instances"):
+            t.add_column(col)
+        for s in summary["series"]:
+            n = sum(1 for i in summary["imported"] if i["series_instance_uid"] == s["series_instance_uid"])
+            t.add_row(s["patient_key"], s["series_instance_uid"], s["kind"], s["modality"], str(n))
+        console.print(t)
+        for sk in summary["skipped"]:
+            console.print(f"[yellow]skipped[/yellow] {sk['path']}: {sk['reason']}")
+    if summary["skipped"] and not summary["imported"]:
+        raise SystemExit(1)
+
+
+# ------------------------------------------------------------------------------ status
+def _ts(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds") if t else ""
+
+
+def collect_status(cfg: Config, limit: int = 20) -> dict[str, Any]:
+    """Everything ``dentfuse status`` shows, as plain data (reads the data directory only)."""
+    data_dir = Path(cfg.data_dir)
+    out: dict[str, Any] = {"data_dir": str(data_dir)}
+    # node
+    from dicom_node.server import INDEX_FILE
+
+    idx_path = data_dir / INDEX_FILE
+    series_rows: list[dict[str, Any]] = []
+    if idx_path.is_file():
+        from dicom_node.index import InstanceIndex
+        from dicom_node.stability import StabilityMonitor
+
+        index = InstanceIndex(idx_path)
+        monitor = StabilityMonitor(idx_path, cfg.stability)
+        try:
+            for s in index.series():
+                series_rows.append({"patient_key": s.patient_key, "series_instance_uid": s.series_instance_uid,
+                                    "modality": s.modality, "kind": s.kind, "instances": s.instance_count,
+                                    "size_bytes": s.size_bytes, "last_received_at": s.last_received_at,
+                                    "stable": monitor.is_stable(s.series_instance_uid)})
+            out["pending_stability_events"] = len(monitor.pending_events())
+        finally:
+            monitor.close()
+            index.close()
+    out["series"] = series_rows
+    # jobs
+    from pipeline.bootstrap import JOBS_FILE, open_job_queue
+
+    jobs_rows: list[dict[str, Any]] = []
+    counts = {}
+    if (data_dir / JOBS_FILE).is_file():
+        q = open_job_queue(cfg)
+        counts = q.counts()
+        for j in q.list(limit=limit):
+            jobs_rows.append({"job_id": j.job_id, "fusion_id": j.payload.get("fusion_id", ""), "kind": j.kind,
+                              "rule": j.payload.get("rule", ""), "patient_key": j.patient_key, "state": j.state,
+                              "stage": j.stage, "progress": round(j.progress, 2), "attempts": j.attempts,
+                              "max_attempts": j.max_attempts, "error": j.error,
+                              "verdict": j.result.get("verdict", ""), "updated_at": _ts(j.updated_at),
+                              "stages": [[s, _ts(t)] for s, t in j.stages]})
+        q.close()
+    out["jobs"] = {"counts": counts, "recent": jobs_rows}
+    # fusions and billing
+    out["fusions"] = []
+    out["outbox"] = {}
+    if (data_dir / JOBS_FILE).is_file() or (data_dir / "billing").exists() or any(data_dir.glob("ledger*")):
+        try:
+            from pipeline.bootstrap import build_billing
+
+            billing = build_billing(cfg)
+        except Exception as exc:  # billing not initialised for this data dir
+            log.debug("billing not available: %s", exc)
+            billing = None
+        if billing is not None:
+            try:
+                for j in jobs_rows:
+                    d = billing.decision(j["fusion_id"]) if j["fusion_id"] else None
+                    if d is None:
+                        continue
+                    out["fusions"].append({"fusion_id": d.fusion_id, "patient_key": d.patient_key,
+                                           "verdict": j["verdict"], "code": d.code, "status": d.status,
+                                           "reasons": list(d.reasons), "report_id": d.report_id})
+                counter = getattr(billing, "outbox_counts", None)
+                if counter is not None:
+                    out["outbox"] = dict(counter())
+            finally:
+                closer = getattr(billing, "close", None)
+                if closer:
+                    closer()
+    # forwarding
+    from dicom_node.forward import queue_counts
+
+    out["forward"] = queue_counts(data_dir)
+    return out
+
+
+@click.command("status")
+@common_options
+@click.option("--limit", default=20, show_default=True, help="How many recent jobs to show.")
+def status(cfg_opts: dict[str, Any], as_json: bool, limit: int) -> None:
+    """Queues, jobs with their stages, recent fusions and decisions, outbox, forwarding."""
+    cfg = build_config(cfg_opts)
+    st = collect_status(cfg, limit=limit)
+    if as_json:
+        emit_json(st)
+        return
+    console = Console()
+    console.print(f"data directory: {st['data_dir']}")
+    t = Table(title="received series")
+    for col in ("patient", "series UID", "kind", "modality", "instances", "stable"):
+        t.add_column(col)
+    for s in st["series"]:
+        t.add_row(s["patient_key"], s["series_instance_uid"], s["kind"], s["modality"], str(s["instances"]),
+                  "yes" if s["stable"] else "waiting")
+    console.print(t)
+    c = st["jobs"]["counts"]
+    console.print("jobs: " + (", ".join(f"{k} {v}" for k, v in c.items()) if c else "none"))
+    t = Table(title="fusion jobs")
+    for col in ("job", "fusion", "rule", "state", "stage", "attempts", "verdict", "error"):
+        t.add_column(col)
+    for j in st["jobs"]["recent"]:
+        t.add_row(str(j["job_id"]), j["fusion_id"], j["rule"], j["state"],
+                  j["stage"] + (f" {int(j['progress'] * 100)}%" if j["state"] == "running" else ""),
+                  f"{j['attempts']}/{j['max_attempts']}", j["verdict"], j["error"][:80])
+    console.print(t)
+    if st["fusions"]:
+        t = Table(title="decisions")
+        for col in ("fusion", "patient", "verdict", "code", "status", "report", "reasons"):
+            t.add_column(col)
+        for f in st["fusions"]:
+            t.add_row(f["fusion_id"], f["patient_key"], f["verdict"], f["code"] or "-", f["status"],
+                      f["report_id"] or "-", "; ".join(f["reasons"])[:120])
+        console.print(t)
+    if st["outbox"]:
+        console.print("claim outbox: " + ", ".join(f"{k} {v}" for k, v in st["outbox"].items()))
+    console.print("PACS forwarding: " + ", ".join(f"{k} {v}" for k, v in st["forward"].items()))

@@ -16,6 +16,9 @@ class PayerPolicy:
     suggest_companion_codes: tuple[str, ...] = ("D0364", "D0365", "D0366", "D0367", "D0801", "D0802", "D0394")
     cbct_limited_fov_max_mm: float = 60.0  # D0364 when the CBCT's largest in-plane extent is at most this
     cbct_both_jaws_min_height_mm: float = 50.0  # D0367 when the craniocaudal extent is at least this
+    min_volume_slices: int = 10  # rule 1: a CT/CBCT/MR volume needs at least this many voxels along each axis
+    fee_schedule: tuple[str, ...] = ()  # "CODE=amount" entries, e.g. ["D0395=350.00"]; needed to export a claim
+    currency: str = "USD"
 
 
 @dataclass(frozen=True)
@@ -28,3 +31,4 @@ class DeliverySettings:
     backoff_s: float = 2.0
     backoff_max_s: float = 300.0
     timeout_s: float = 10.0
+    ledger_synchronous: str = "FULL"  # SQLite synchronous mode of the ledger: FULL (power-loss safe) or NORMAL

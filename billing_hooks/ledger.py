@@ -1,0 +1,350 @@
+"""Append-only, hash-chained provenance ledger (SQLite, WAL) in the data directory.
+
+Every entry is the canonical JSON (sorted keys, no whitespace, UTF-8) of::
+
+    {"seq": n, "kind": ..., "at": ISO-8601 UTC, "fusion_id": ..., "patient_key": ...,
+     "event": {...}, "prev": <hash of entry n-1, or 64 zeros>}
+
+and its hash is the SHA-256 of those bytes. The code has no update or delete path, and
+triggers refuse UPDATE and DELETE on the table. :meth:`Ledger.verify` re-computes the
+chain and the SHA-256 of every file an entry references (``event["files"]``, a list of
+``{"path", "sha256", "role"}``), and names the first broken entry. Truncation of the
+newest entries is detected against a head file (``<db>.head``) written after each commit.
+
+Durability: ``synchronous=FULL`` by default (a committed entry survives power loss; WAL
+mode makes that one fsync per commit); ``NORMAL`` survives a process crash but may lose
+the newest commits on power loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+from billing_hooks.errors import LedgerError
+
+log = logging.getLogger(__name__)
+
+GENESIS = "0" * 64
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS ledger (
+    seq INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    fusion_id TEXT NOT NULL DEFAULT '',
+    patient_key TEXT NOT NULL DEFAULT '',
+    recorded_at TEXT NOT NULL,
+    entry TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_fusion ON ledger(fusion_id);
+CREATE INDEX IF NOT EXISTS ledger_patient ON ledger(patient_key);
+CREATE INDEX IF NOT EXISTS ledger_kind ON ledger(kind);
+CREATE TRIGGER IF NOT EXISTS ledger_no_update BEFORE UPDATE ON ledger
+BEGIN SELECT RAISE(ABORT, 'the dentfuse ledger is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS ledger_no_delete BEFORE DELETE ON ledger
+BEGIN SELECT RAISE(ABORT, 'the dentfuse ledger is append-only'); END;
+"""
+
+
+def canonical_json(obj: Any) -> str:
+    """Sorted keys, no whitespace, UTF-8 text (not ASCII-escaped), no NaN/Infinity."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def entry_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, or of a directory tree (sorted ``relpath NUL sha256 LF`` lines)."""
+    if path.is_dir():
+        h = hashlib.sha256()
+        for p in sorted(q for q in path.rglob("*") if q.is_file()):
+            h.update(f"{p.relative_to(path).as_posix()}\0{sha256_file(p)}\n".encode())
+        return h.hexdigest()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def iso(dt: datetime) -> str:
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.astimezone(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def parse_iso(text: str) -> datetime:
+    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    seq: int
+    kind: str
+    recorded_at: str
+    fusion_id: str
+    patient_key: str
+    event: Mapping[str, Any]
+    prev_hash: str
+    hash: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seq": self.seq, "kind": self.kind, "at": self.recorded_at, "fusion_id": self.fusion_id,
+                "patient_key": self.patient_key, "event": self.event, "prev": self.prev_hash, "hash": self.hash}
+
+
+@dataclass(frozen=True)
+class Problem:
+    seq: int
+    what: str
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """Result of :meth:`Ledger.verify`. ``first_broken`` is the earliest problem, or None."""
+
+    entries: int
+    files_checked: int
+    problems: tuple[Problem, ...] = field(default_factory=tuple)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def first_broken(self) -> Problem | None:
+        return min(self.problems, key=lambda p: p.seq) if self.problems else None
+
+
+class Ledger:
+    """The append-only ledger. Thread-safe; several processes may append (BEGIN IMMEDIATE).
+
+    Parameters
+    ----------
+    path:
+        SQLite database file (created with its directory).
+    synchronous:
+        ``"FULL"`` (default, durable against power loss) or ``"NORMAL"`` (process crash only).
+    clock:
+        Returns the current time (UTC); injectable for tests.
+    base_dir:
+        Relative file paths in entries are resolved against this directory (the data dir).
+    """
+
+    def __init__(self, path: Path, *, synchronous: str = "FULL", clock: Callable[[], datetime] | None = None,
+                 base_dir: Path | None = None) -> None:
+        if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
+            raise LedgerError(f"ledger synchronous mode must be FULL, NORMAL or EXTRA, got {synchronous!r}")
+        self.path = Path(path)
+        self.base_dir = Path(base_dir) if base_dir is not None else self.path.parent
+        self.head_path = self.path.with_name(self.path.name + ".head")
+        self._clock = clock or utc_now
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._pending_head: tuple[int, str] | None = None
+        self._head_fd: int | None = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30.0)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            self.conn.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot open the ledger {self.path}: {exc}; check the data directory and its permissions") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self.conn.close()
+            if self._head_fd is not None:
+                os.close(self._head_fd)
+                self._head_fd = None
+
+    # -- writing -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One SQLite write transaction (``BEGIN IMMEDIATE``); nested calls join the outer one.
+
+        Other tables of the same database (the outbox) written inside commit atomically with
+        the ledger entries.
+        """
+        with self._lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield self.conn
+                finally:
+                    self._depth -= 1
+                return
+            self.conn.execute("BEGIN IMMEDIATE")
+            self._depth = 1
+            try:
+                yield self.conn
+            except BaseException:
+                self._depth = 0
+                self._pending_head = None
+                self.conn.execute("ROLLBACK")
+                raise
+            self._depth = 0
+            self.conn.execute("COMMIT")
+            if self._pending_head is not None:
+                self._write_head(*self._pending_head)
+                self._pending_head = None
+
+    def append(self, kind: str, event: Mapping[str, Any], *, fusion_id: str = "", patient_key: str = "",
+               at: datetime | None = None) -> LedgerEntry:
+        """Append one entry (in its own transaction, or the caller's :meth:`transaction`)."""
+        with self.transaction() as conn:
+            row = conn.execute("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1").fetchone()
+            seq, prev = (row[0] + 1, row[1]) if row else (1, GENESIS)
+            recorded_at = iso(at or self._clock())
+            body = {"seq": seq, "kind": kind, "at": recorded_at, "fusion_id": fusion_id,
+                    "patient_key": patient_key, "event": event, "prev": prev}
+            try:
+                text = canonical_json(body)
+            except (TypeError, ValueError) as exc:
+                raise LedgerError(f"ledger event {kind!r} for fusion {fusion_id!r} is not JSON-serialisable: {exc}") from exc
+            h = entry_hash(text)
+            conn.execute("INSERT INTO ledger(seq, kind, fusion_id, patient_key, recorded_at, entry, hash) "
+                         "VALUES (?,?,?,?,?,?,?)", (seq, kind, fusion_id, patient_key, recorded_at, text, h))
+            self._pending_head = (seq, h)
+        return LedgerEntry(seq, kind, recorded_at, fusion_id, patient_key, json.loads(text)["event"], prev, h)
+
+    def _write_head(self, seq: int, h: str) -> None:
+        # A fixed-size record rewritten in place (one small pwrite, no rename): cheap enough
+        # for every commit. Several writers may race; verify only needs head.seq <= last seq.
+        record = f"{seq:020d} {h}\n".encode("ascii")
+        try:
+            if self._head_fd is None:
+                self._head_fd = os.open(self.head_path, os.O_RDWR | os.O_CREAT, 0o644)
+            os.pwrite(self._head_fd, record, 0)
+        except OSError as exc:  # the chain itself is committed; only truncation detection is weakened
+            log.warning("could not write ledger head %s: %s", self.head_path, exc)
+
+    # -- reading -----------------------------------------------------------------------
+    def head(self) -> tuple[int, str]:
+        row = self.conn.execute("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1").fetchone()
+        return (row[0], row[1]) if row else (0, GENESIS)
+
+    def __len__(self) -> int:
+        return int(self.conn.execute("SELECT COUNT(*) FROM ledger").fetchone()[0])
+
+    def entries(self, *, fusion_id: str | None = None, kind: str | None = None, patient_key: str | None = None,
+                since: datetime | str | None = None) -> list[LedgerEntry]:
+        """Entries in ledger order, optionally filtered."""
+        where, args = [], []
+        if fusion_id is not None:
+            where.append("fusion_id = ?"); args.append(fusion_id)
+        if kind is not None:
+            where.append("kind = ?"); args.append(kind)
+        if patient_key is not None:
+            where.append("patient_key = ?"); args.append(patient_key)
+        sql = "SELECT entry, hash FROM ledger" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY seq"
+        with self._lock:
+            rows = self.conn.execute(sql, args).fetchall()
+        out = []
+        since_dt = parse_iso(since) if isinstance(since, str) else since
+        if since_dt is not None and since_dt.tzinfo is None:
+            since_dt = since_dt.replace(tzinfo=timezone.utc)
+        for text, h in rows:
+            e = json.loads(text)
+            if since_dt is not None and parse_iso(e["at"]) < since_dt:
+                continue
+            out.append(LedgerEntry(e["seq"], e["kind"], e["at"], e["fusion_id"], e["patient_key"], e["event"],
+                                   e["prev"], h))
+        return out
+
+    # -- verifying ---------------------------------------------------------------------
+    def verify(self, *, check_files: bool = True) -> VerifyReport:
+        """Re-compute the hash chain and every referenced file's SHA-256.
+
+        Detects an edited entry (hash or canonical form differs), a deleted or inserted
+        entry (sequence gap, or ``prev`` does not match), reordered entries, a truncated
+        tail (against the head file), and a changed, missing or replaced referenced file.
+        """
+        problems: list[Problem] = []
+        files: dict[str, tuple[int, str]] = {}
+        prev = GENESIS
+        expected = 1
+        n = 0
+        with self._lock:
+            cur = self.conn.execute(
+                "SELECT seq, kind, fusion_id, patient_key, recorded_at, entry, hash FROM ledger ORDER BY seq")
+            rows = cur.fetchall()
+        loads = json.loads  # the hash commits to the exact bytes; no need to re-serialise
+        for seq, kind, fusion_id, patient_key, recorded_at, text, h in rows:
+            n += 1
+            if seq != expected:
+                problems.append(Problem(expected if seq > expected else seq,
+                                        f"entry {expected} is missing (next stored entry is {seq}): deleted or inserted"
+                                        if seq > expected else f"entry {seq} appears out of order"))
+                break
+            if entry_hash(text) != h:
+                problems.append(Problem(seq, f"entry {seq} ({kind}) was edited: its content no longer matches its hash"))
+                break
+            try:
+                e = loads(text)
+            except ValueError:
+                problems.append(Problem(seq, f"entry {seq} is not valid JSON"))
+                break
+            if e.get("seq") != seq:
+                problems.append(Problem(seq, f"entry stored at position {seq} says it is entry {e.get('seq')}: "
+                                             "entries were reordered or renumbered"))
+                break
+            if e.get("prev") != prev:
+                problems.append(Problem(seq, f"entry {seq} does not follow entry {seq - 1} (previous-hash mismatch): "
+                                             "an entry was deleted, inserted or reordered before it"))
+                break
+            if (e.get("kind"), e.get("fusion_id"), e.get("patient_key"), e.get("at")) != (
+                    kind, fusion_id, patient_key, recorded_at):
+                problems.append(Problem(seq, f"entry {seq}: index columns were edited and disagree with the entry"))
+                break
+            for f in (e.get("event") or {}).get("files", ()) if isinstance(e.get("event"), dict) else ():
+                if isinstance(f, dict) and f.get("path") and f.get("sha256"):
+                    if files.get(f["path"], (0, ""))[1] != f["sha256"]:  # keep the first entry naming this content
+                        files[f["path"]] = (seq, f["sha256"])
+            prev = h
+            expected += 1
+        chain_ok = not problems
+        if chain_ok and self.head_path.is_file():
+            try:
+                seq_text, hhash = self.head_path.read_text(encoding="ascii").split()
+                hseq = int(seq_text)
+            except (ValueError, OSError):
+                problems.append(Problem(n + 1, f"the ledger head file {self.head_path} is unreadable"))
+            else:
+                if hseq > n:
+                    problems.append(Problem(n + 1, f"entries {n + 1}..{hseq} were deleted from the end of the ledger "
+                                                   f"(the head file records {hseq} entries, {n} remain)"))
+                elif hseq >= 1 and rows[hseq - 1][6] != hhash:
+                    problems.append(Problem(hseq, f"entry {hseq} differs from the hash the head file recorded"))
+        checked = 0
+        if check_files:
+            for path_text, (seq, want) in sorted(files.items(), key=lambda kv: kv[1][0]):
+                path = Path(path_text)
+                if not path.is_absolute():
+                    path = self.base_dir / path
+                checked += 1
+                if not path.exists():
+                    problems.append(Problem(seq, f"file {path} referenced by entry {seq} is missing"))
+                    continue
+                got = sha256_file(path)
+                if got != want:
+                    problems.append(Problem(seq, f"file {path} referenced by entry {seq} was changed "
+                                                 f"(sha256 {got[:12]}..., ledger has {want[:12]}...)"))
+        return VerifyReport(entries=n, files_checked=checked, problems=tuple(sorted(problems, key=lambda p: p.seq)))

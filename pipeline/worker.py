@@ -28,6 +28,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -142,9 +143,40 @@ def _write_json_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to kill this process when its parent (the forkserver, which itself exits
+    when the serving process dies) goes away: a killed ``serve`` leaves no orphan fusion
+    writing into a folder the next attempt will use."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        parent = os.getppid()
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(4)
+    except (OSError, AttributeError):  # not Linux: the owner check in progress() remains
+        pass
+
+
+def _owner_gone(owner: str) -> bool:
+    try:
+        pid = int(owner.rsplit(":", 2)[1])
+    except (ValueError, IndexError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def _child_main(db_path: str, job_id: int, owner: str, lease_s: float, payload: dict[str, Any],
                 out_dir: str, log_level: int) -> None:
     """Entry point of a worker process: run the fusion, write result.json or error.json."""
+    _die_with_parent()
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s")
     out = Path(out_dir)
     queue = SqliteJobQueue(Path(db_path))
@@ -156,6 +188,9 @@ def _child_main(db_path: str, job_id: int, owner: str, lease_s: float, payload: 
         if stage == last["stage"] and now - last["t"] < 0.5:
             return
         last.update(t=now, stage=stage)
+        if _owner_gone(owner):
+            log.warning("job %s: the serving process is gone; stopping", job_id)
+            os._exit(3)
         try:
             queue.heartbeat(job_id, owner, lease_s, stage=stage,
                             progress=None if fraction is None else float(fraction))

@@ -58,26 +58,164 @@ def build_billing(cfg: Config, clock: Callable[[], Any] | None = None) -> Any:
     """The billing hook for ``cfg`` (ledger, rules, exports, outbox in the data directory)."""
     from billing_hooks.service import BillingHook
 
-    return BillingHook.from_config(cfg, clock=clock) if hasattr(BillingHook, "from_config") else BillingHook(
-        Path(cfg.data_dir), cfg.billing.policy, cfg.billing.delivery, **_provider_kwargs(cfg), clock=clock)
-
-
-def _provider_kwargs(cfg: Config) -> dict[str, Any]:
-    import inspect
-
-    from billing_hooks.service import BillingHook
-
-    params = inspect.signature(BillingHook.__init__).parameters
-    if "provider" not in params:
-        return {}
-    try:
-        from billing_hooks.service import Provider  # type: ignore[attr-defined]
-    except ImportError:
-        return {}
     b = cfg.billing
-    fields = {f.name for f in dataclasses.fields(Provider)}
-    values = {"npi": b.provider_npi, "name": b.provider_name, "payer_id": b.payer_id, "payer_name": b.payer_name}
-    return {"provider": Provider(**{k: v for k, v in values.items() if k in fields})}
+    provider = {"npi": b.provider_npi, "name": b.provider_name, "payer_id": b.payer_id, "payer_name": b.payer_name}
+    return BillingHook(Path(cfg.data_dir), b.policy, b.delivery, provider=provider, clock=clock)
+
+
+def decision_or_none(billing: Any, fusion_id: str) -> Any | None:
+    """The current decision of a fusion, or None when the billing hook has none."""
+    try:
+        return billing.decision(fusion_id)
+    except Exception as exc:  # UnknownFusionError (or a fake's None)
+        if type(exc).__name__ == "UnknownFusionError":
+            return None
+        raise
+
+
+class Finisher:
+    """What happens after a fusion was computed, in the serving process: the billing
+    decision, the report (and its next version once documented), forwarding of accepted
+    outputs to PACS, and the claim export. Every step is idempotent by fusion id.
+
+    Works without the listener, so command-line tools can use it on a data directory.
+    """
+
+    def __init__(self, cfg: Config, billing: Any, forward: Any | None = None) -> None:
+        self.cfg = cfg
+        self.data_dir = Path(cfg.data_dir)
+        self.billing = billing
+        self.forward = forward
+        self._export_blocked: set[tuple[str, str]] = set()
+
+    def finalize(self, job: Job, result: Any, stage: Callable[[str], None]) -> str:
+        """Decide, report and forward one computed fusion; returns the job's final state."""
+        fid = result.fusion_id
+        stage("billing decision")
+        decision = decision_or_none(self.billing, fid)
+        if decision is None:
+            decision = self.billing.record_fusion(result, operator=str(job.payload.get("operator", "")))
+        stage("report")
+        self.ensure_report(result, decision)
+        if result.verdict == "accepted" and self.forward is not None and self.cfg.pacs.forward_outputs:
+            stage("forwarding to PACS")
+            self.forward_outputs(result)
+        return "needs_review" if result.verdict == "needs_review" else "done"
+
+    def ledger_refs(self, fusion_id: str) -> list[LedgerRef]:
+        ledger = getattr(self.billing, "ledger", None)
+        if ledger is None:
+            return []
+        return [LedgerRef(e.seq, e.kind, e.hash, e.recorded_at) for e in ledger.entries(fusion_id=fusion_id)]
+
+    def ensure_report(self, result: Any, decision: Any) -> FusionReport | None:
+        """Write and attach (ledger) a report unless the latest one already shows this
+        decision state (status and rationale). Returns the new report or None."""
+        rdir = reports_dir(self.data_dir) / result.fusion_id
+        state = {"status": decision.status, "rationale": decision.rationale or ""}
+        versions = existing_versions(rdir, result.fusion_id)
+        if versions:
+            try:
+                meta = json.loads((rdir / f"{result.fusion_id}-R{versions[-1]}.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                meta = {}
+            if meta.get("state") == state:
+                if decision.report_id != meta.get("report_id") and decision.status != "exported":
+                    # written but not attached (a crash in between): attach it now
+                    self.billing.attach_report(result.fusion_id, report_id=meta["report_id"],
+                                               path=Path(meta["pdf"]), sha256=meta["pdf_sha256"])
+                return None
+        report = write_report(result, decision, rdir, ledger=self.ledger_refs(result.fusion_id))
+        meta = {"report_id": report.report_id, "pdf": str(report.pdf_path), "html": str(report.html_path),
+                "pdf_sha256": report.pdf_sha256, "html_sha256": report.html_sha256, "state": state}
+        (rdir / f"{report.report_id}.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        self.billing.attach_report(result.fusion_id, report_id=report.report_id, path=report.pdf_path,
+                                   sha256=report.pdf_sha256)
+        log.info("fusion %s: report %s written and ledgered", result.fusion_id, report.report_id)
+        return report
+
+    def forward_outputs(self, result: Any) -> int:
+        """Queue the fusion's DICOM outputs for every configured PACS destination."""
+        if self.forward is None:
+            return 0
+        n = 0
+        for out in result.outputs:
+            if out.kind not in FORWARD_KINDS:
+                continue
+            p = Path(out.path)
+            files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+            for f in files:
+                if f.suffix.lower() not in (".dcm", ""):
+                    continue
+                for dest in self.cfg.pacs.destinations:
+                    self.forward.enqueue(f, dest.name)
+                    n += 1
+        log.info("fusion %s: %d output instance(s) queued for PACS", result.fusion_id, n)
+        return n
+
+    def load_result(self, fusion_id: str) -> Any:
+        from fusion.records import FusionResult
+
+        return FusionResult.from_json((fusions_dir(self.data_dir) / fusion_id / "result.json").read_text("utf-8"))
+
+    def document(self, fusion_id: str, rationale: str, clinician: str) -> Any:
+        """Document the clinical rationale so that the claim carries a report that shows it.
+
+        The next report version is written from the decision this documentation will
+        produce (the billing hook's own re-decision, not a guess of ours) and ledgered; then
+        the documentation is ledgered, which decides again and, when ready to bill, exports
+        the claim with that report as its attachment. Returns the current decision.
+        """
+        rationale, clinician = rationale.strip(), clinician.strip()
+        if not rationale or not clinician:
+            raise ValueError("documentation needs a rationale and the documenting clinician")
+        current = self.billing.decision(fusion_id)
+        if current.status != "exported":
+            redecide = getattr(self.billing, "_redecide", None)
+            preview = (redecide(fusion_id, rationale=rationale, clinician=clinician) if redecide is not None
+                       else dataclasses.replace(current, rationale=rationale, clinician=clinician))
+            self.ensure_report(self.load_result(fusion_id), preview)
+        self.billing.document(fusion_id, rationale=rationale, clinician=clinician)
+        self.follow_up_documentation(only=fusion_id)
+        return self.billing.decision(fusion_id)
+
+    def follow_up_documentation(self, only: str | None = None) -> int:
+        """For every documented decision still ready to bill (documented elsewhere, or its
+        export was blocked): a report that shows the rationale, then the export.
+        Returns how many claims were exported."""
+        exported = 0
+        for decision in self._decisions(only):
+            if decision.status != "ready_to_bill" or not decision.rationale:
+                continue
+            marker = (decision.fusion_id, decision.decided_at)
+            if marker in self._export_blocked:
+                continue
+            if not (fusions_dir(self.data_dir) / decision.fusion_id / "result.json").is_file():
+                continue
+            self.ensure_report(self.load_result(decision.fusion_id), decision)
+            try:
+                self.billing.export(decision.fusion_id)
+                exported += 1
+            except Exception as exc:  # ExportError / NotReadyError: recorded by the hook; tell once
+                self._export_blocked.add(marker)
+                log.warning("fusion %s is documented but its claim cannot be exported: %s", decision.fusion_id, exc)
+        return exported
+
+    def _decisions(self, only: str | None) -> list[Any]:
+        if only is not None:
+            d = decision_or_none(self.billing, only)
+            return [d] if d is not None else []
+        return list(self.billing.decisions())
+
+
+def document_fusion(cfg: Config, fusion_id: str, rationale: str, clinician: str) -> Any:
+    """Document a fusion's rationale on a data directory (with the report's next version
+    and the claim export), without a running listener. Returns the decision."""
+    billing = build_billing(cfg)
+    try:
+        return Finisher(cfg, billing).document(fusion_id, rationale, clinician)
+    finally:
+        billing.close()
 
 
 class App:
@@ -111,6 +249,7 @@ class App:
             from dicom_node.forward import ForwardQueue
 
             self.forward = ForwardQueue(self.data_dir, cfg.pacs, cfg.node.ae_title)
+        self.finisher = Finisher(cfg, self.billing, self.forward)
         self.pool = WorkerPool(self.jobs, fusions_dir(self.data_dir), self.finalize, workers=cfg.fusion.workers,
                                on_job_finished=self._job_finished) if workers else None
         self.planner_interval_s = planner_interval_s or max(0.1, cfg.stability.check_interval_s)
@@ -263,109 +402,20 @@ class App:
         }
         return JobSpec(key=plan.key, kind=plan.kind, patient_key=plan.patient_key, payload=payload)
 
-    # -- after a fusion ---------------------------------------------------------------------
+    # -- after a fusion (delegated to the Finisher) -----------------------------------------
     def finalize(self, job: Job, result: Any, stage: Callable[[str], None]) -> str:
-        """Decide, report and forward one computed fusion; idempotent by fusion id."""
-        fid = result.fusion_id
-        stage("billing decision")
         with self._lock:
-            decision = self.billing.decision(fid)
-            if decision is None:
-                decision = self.billing.record_fusion(result, operator=str(job.payload.get("operator", "")))
-            stage("report")
-            self.ensure_report(result, decision)
-        if result.verdict == "accepted" and self.forward is not None and self.cfg.pacs.forward_outputs:
-            stage("forwarding to PACS")
-            self.forward_outputs(result)
-        return "needs_review" if result.verdict == "needs_review" else "done"
-
-    def ledger_refs(self, fusion_id: str) -> list[LedgerRef]:
-        ledger = getattr(self.billing, "ledger", None)
-        if ledger is None:
-            return []
-        return [LedgerRef(e.seq, e.kind, e.hash, e.recorded_at) for e in ledger.entries(fusion_id=fusion_id)]
-
-    def ensure_report(self, result: Any, decision: Any) -> FusionReport | None:
-        """Write (and ledger) a report unless the current one already shows this decision
-        state (same status and rationale). Returns the new report or None."""
-        rdir = reports_dir(self.data_dir) / result.fusion_id
-        state = {"status": decision.status, "rationale": decision.rationale or ""}
-        versions = existing_versions(rdir, result.fusion_id)
-        if versions:
-            latest = rdir / f"{result.fusion_id}-R{versions[-1]}.json"
-            try:
-                meta = json.loads(latest.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                meta = {}
-            if meta.get("state") == state:
-                if decision.report_id != meta.get("report_id"):
-                    # written but not attached (a crash in between): attach it now
-                    self.billing.attach_report(result.fusion_id, report_id=meta["report_id"],
-                                               path=Path(meta["pdf"]), sha256=meta["pdf_sha256"])
-                return None
-        report = write_report(result, decision, rdir, ledger=self.ledger_refs(result.fusion_id))
-        meta = {"report_id": report.report_id, "pdf": str(report.pdf_path), "html": str(report.html_path),
-                "pdf_sha256": report.pdf_sha256, "html_sha256": report.html_sha256, "state": state}
-        (rdir / f"{report.report_id}.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        self.billing.attach_report(result.fusion_id, report_id=report.report_id, path=report.pdf_path,
-                                   sha256=report.pdf_sha256)
-        log.info("fusion %s: report %s written", result.fusion_id, report.report_id)
-        return report
-
-    def forward_outputs(self, result: Any) -> int:
-        """Queue the fusion's DICOM outputs for every configured PACS destination."""
-        if self.forward is None:
-            return 0
-        n = 0
-        for out in result.outputs:
-            if out.kind not in FORWARD_KINDS:
-                continue
-            p = Path(out.path)
-            files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-            for f in files:
-                if f.suffix.lower() not in (".dcm", "") and not f.name.endswith(".dcm"):
-                    continue
-                for dest in self.cfg.pacs.destinations:
-                    self.forward.enqueue(f, dest.name)
-                    n += 1
-        log.info("fusion %s: %d output instance(s) queued for PACS", result.fusion_id, n)
-        return n
-
-    def load_result(self, fusion_id: str) -> Any:
-        from fusion.records import FusionResult
-
-        return FusionResult.from_json((fusions_dir(self.data_dir) / fusion_id / "result.json").read_text("utf-8"))
+            return self.finisher.finalize(job, result, stage)
 
     def document(self, fusion_id: str, rationale: str, clinician: str) -> Any:
-        """Record the clinical rationale, write the report's next version, export the claim."""
         with self._lock:
-            self.billing.document(fusion_id, rationale=rationale, clinician=clinician)
-            self.follow_up_documentation(only=fusion_id)
-            return self.billing.decision(fusion_id)
+            return self.finisher.document(fusion_id, rationale, clinician)
 
     def follow_up_documentation(self, only: str | None = None) -> int:
-        """For every documented decision: a report showing the rationale, then the export.
-        Returns how many claims were exported."""
-        exported = 0
-        for decision in self._decisions(only):
-            if decision.status != "ready_to_bill" or not decision.rationale:
-                continue
-            result_file = fusions_dir(self.data_dir) / decision.fusion_id / "result.json"
-            if not result_file.is_file():
-                continue
-            self.ensure_report(self.load_result(decision.fusion_id), decision)
-            self.billing.export(decision.fusion_id)
-            exported += 1
-        return exported
+        return self.finisher.follow_up_documentation(only)
 
-    def _decisions(self, only: str | None) -> list[Any]:
-        if only is not None:
-            d = self.billing.decision(only)
-            return [d] if d is not None else []
-        lister = getattr(self.billing, "decisions", None)
-        if lister is None:
-            return []
-        return list(lister())
+    def load_result(self, fusion_id: str) -> Any:
+        return self.finisher.load_result(fusion_id)
 
     # -- waiting (demo, tests) ------------------------------------------------------------------
     def idle(self) -> bool:

@@ -238,9 +238,9 @@ def collect_status(cfg: Config, limit: int = 20) -> dict[str, Any]:
     # fusions and billing
     out["fusions"] = []
     out["outbox"] = {}
-    if (data_dir / JOBS_FILE).is_file() or (data_dir / "billing").exists() or any(data_dir.glob("ledger*")):
+    if (data_dir / "billing").is_dir():
         try:
-            from pipeline.bootstrap import build_billing
+            from pipeline.bootstrap import build_billing, decision_or_none
 
             billing = build_billing(cfg)
         except Exception as exc:  # billing not initialised for this data dir
@@ -249,15 +249,18 @@ def collect_status(cfg: Config, limit: int = 20) -> dict[str, Any]:
         if billing is not None:
             try:
                 for j in jobs_rows:
-                    d = billing.decision(j["fusion_id"]) if j["fusion_id"] else None
+                    d = decision_or_none(billing, j["fusion_id"]) if j["fusion_id"] else None
                     if d is None:
                         continue
                     out["fusions"].append({"fusion_id": d.fusion_id, "patient_key": d.patient_key,
                                            "verdict": j["verdict"], "code": d.code, "status": d.status,
                                            "reasons": list(d.reasons), "report_id": d.report_id})
-                counter = getattr(billing, "outbox_counts", None)
-                if counter is not None:
-                    out["outbox"] = dict(counter())
+                outbox = getattr(billing, "outbox", None)
+                if outbox is not None:
+                    counts_ob: dict[str, int] = {}
+                    for row in outbox.rows():
+                        counts_ob[row.state] = counts_ob.get(row.state, 0) + 1
+                    out["outbox"] = counts_ob
             finally:
                 closer = getattr(billing, "close", None)
                 if closer:

@@ -82,6 +82,10 @@ class FakeBilling:
         self.calls.append(("attach_report", report_id))
         self.decisions_by_id[fusion_id] = dataclasses.replace(self.decisions_by_id[fusion_id], report_id=report_id)
 
+    def _redecide(self, fusion_id: str, *, rationale: str, clinician: str) -> Any:
+        return dataclasses.replace(self.decisions_by_id[fusion_id], status="ready_to_bill", rationale=rationale,
+                                   clinician=clinician)
+
     def document(self, fusion_id: str, rationale: str, clinician: str) -> None:
         self.calls.append(("document", fusion_id))
         self.decisions_by_id[fusion_id] = dataclasses.replace(

@@ -187,7 +187,7 @@ def _r4(ctx: RuleContext) -> RuleResult:
     if failed_reject:
         names = ", ".join(q.name for q in failed_reject)
         return RuleResult(rid, title, False,
-                          f"The registration failed quality check(s) {names} although it was marked accepted; "
+                          f"The registration failed the quality check {names} although it was marked accepted; "
                           "it is not billed.", evidence, "not_eligible")
     if r.verdict == "needs_review":
         return RuleResult(rid, title, False,
@@ -196,7 +196,7 @@ def _r4(ctx: RuleContext) -> RuleResult:
     if failed_review:
         names = ", ".join(q.name for q in failed_review)
         return RuleResult(rid, title, False,
-                          f"Quality check(s) {names} flagged the registration for review; it is not billed until then.",
+                          f"The quality check {names} flagged the registration for review; it is not billed until then.",
                           evidence, "needs_review")
     if not r.quality_checks:
         return RuleResult(rid, title, False,
@@ -261,7 +261,8 @@ def _r6_frequency(ctx: RuleContext) -> RuleResult:
         return RuleResult(rid, title, True, "The payer policy sets no frequency limit.", evidence)
     if len(within) >= p.frequency_limit:
         return RuleResult(rid, title, False,
-                          f"The payer allows {p.frequency_limit} {code} claim(s) per patient every "
+                          f"The payer allows {p.frequency_limit} {code} claim{'' if p.frequency_limit == 1 else 's'} "
+                          f"per patient every "
                           f"{p.frequency_period_days} days, and this patient already has {len(within)} in that period.",
                           evidence)
     return RuleResult(rid, title, True,

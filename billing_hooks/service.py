@@ -78,6 +78,15 @@ def _jsonable(v: Any) -> Any:
     return str(v)
 
 
+Provider = ProviderInfo  # the name the pipeline looks for
+LEDGER_RELPATH = Path("billing") / "ledger.sqlite"
+
+
+def ledger_path(data_dir: Path) -> Path:
+    """Where the ledger (and the outbox) of a data directory lives."""
+    return Path(data_dir) / LEDGER_RELPATH
+
+
 class BillingHook:
     """Decide, record, export and deliver D0395 claims for fusions.
 
@@ -107,9 +116,19 @@ class BillingHook:
         self.provider = ProviderInfo.from_mapping(provider)
         self._clock = clock or utc_now
         self._patient_resolver = patient_resolver
-        self.ledger = Ledger(self.data_dir / "billing" / "ledger.sqlite", synchronous=delivery.ledger_synchronous,
+        self.ledger = Ledger(ledger_path(self.data_dir), synchronous=delivery.ledger_synchronous,
                              clock=self._clock, base_dir=self.data_dir)
         self.outbox = Outbox(self.ledger, delivery, self.data_dir)
+
+    @classmethod
+    def from_config(cls, cfg: Any, *, clock: Callable[[], datetime] | None = None,
+                    patient_resolver: Callable[[str], PatientInfo] | None = None) -> "BillingHook":
+        """Build from the pipeline configuration (``cfg.data_dir`` and ``cfg.billing``)."""
+        b = cfg.billing
+        provider = ProviderInfo(npi=b.provider_npi, name=b.provider_name, payer_id=b.payer_id,
+                                payer_name=b.payer_name)
+        return cls(Path(cfg.data_dir), b.policy, b.delivery, provider=provider, clock=clock,
+                   patient_resolver=patient_resolver)
 
     def close(self) -> None:
         self.ledger.close()
@@ -137,12 +156,17 @@ class BillingHook:
         found = self.ledger.entries(fusion_id=fusion_id, kind=kind)
         return found[-1] if found else None
 
-    def decision(self, fusion_id: str) -> BillingDecision:
-        """The current decision of a fusion. Raises :class:`UnknownFusionError`."""
+    def decision(self, fusion_id: str) -> BillingDecision | None:
+        """The current decision of a fusion, or None when the fusion was never recorded."""
         e = self._latest(fusion_id, "decision")
-        if e is None:
+        return BillingDecision.from_dict(e.event) if e is not None else None
+
+    def require_decision(self, fusion_id: str) -> BillingDecision:
+        """The current decision of a fusion. Raises :class:`UnknownFusionError`."""
+        d = self.decision(fusion_id)
+        if d is None:
             raise UnknownFusionError(fusion_id)
-        return BillingDecision.from_dict(e.event)
+        return d
 
     def decisions(self) -> list[BillingDecision]:
         """The current decision of every recorded fusion, in the order they were recorded."""
@@ -166,6 +190,17 @@ class BillingHook:
     def _report(self, fusion_id: str) -> Mapping[str, Any] | None:
         e = self._latest(fusion_id, "report_attached")
         return e.event if e else None
+
+    def _claim_report(self, fusion_id: str) -> Mapping[str, Any] | None:
+        """The report a claim can carry: the latest attached one, and when a rationale was
+        documented, one attached after it (so the payer's attachment shows the rationale)."""
+        rep = self._latest(fusion_id, "report_attached")
+        if rep is None:
+            return None
+        doc = self._latest(fusion_id, "documentation")
+        if doc is not None and rep.seq < doc.seq:
+            return None
+        return rep.event
 
     def _prior_claims(self, patient_key: str) -> tuple[rules.PriorClaim, ...]:
         latest: dict[str, BillingDecision] = {}
@@ -257,7 +292,7 @@ class BillingHook:
         UnknownFusionError, BillingError
             Unknown fusion, unsafe report id, missing file or hash mismatch.
         """
-        current = self.decision(fusion_id)
+        current = self.require_decision(fusion_id)
         if not _SAFE_ID.match(report_id):
             raise BillingError(f"report id {report_id!r} must be 1-50 letters, digits, '.', '_' or '-' "
                                "(it becomes the claim attachment control number)")
@@ -270,10 +305,14 @@ class BillingHook:
         prev = self._report(fusion_id)
         if prev and prev["report_id"] == report_id and prev["sha256"] == actual:
             return
-        if current.status == "exported":
-            raise NotReadyError(f"fusion {fusion_id} was already exported with report {current.report_id}; "
-                                "a sent claim's attachment cannot change")
         rel = self._rel(p)
+        if current.status == "exported":  # a later report version; the sent claim keeps its attachment
+            self.ledger.append("report_attached", {
+                "report_id": report_id, "path": rel, "sha256": actual, "size": p.stat().st_size,
+                "after_export": True, "claim_attachment": current.report_id,
+                "files": [{"path": rel, "sha256": actual, "role": "report"}]},
+                fusion_id=fusion_id, patient_key=current.patient_key)
+            return
         with self.ledger.transaction():
             self.ledger.append("report_attached", {
                 "report_id": report_id, "path": rel, "sha256": actual, "size": p.stat().st_size,
@@ -284,14 +323,16 @@ class BillingHook:
         self._maybe_export(fusion_id)
 
     def document(self, fusion_id: str, *, rationale: str, clinician: str) -> BillingDecision:
-        """Ledger the clinical rationale (rule 8) and decide again; exports when ready and a
-        report is attached.
+        """Ledger the clinical rationale (rule 8) and decide again (needs_documentation ->
+        ready_to_bill). The claim is exported as soon as a report attached *after* the
+        documentation exists (the payer's attachment must show the rationale); the pipeline
+        writes that report version and calls :meth:`attach_report`.
 
         Raises
         ------
         UnknownFusionError, BillingError, NotReadyError
         """
-        current = self.decision(fusion_id)
+        current = self.require_decision(fusion_id)
         if not rationale.strip():
             raise BillingError("the rationale is empty; describe why the fusion was clinically necessary")
         if not clinician.strip():
@@ -304,11 +345,11 @@ class BillingHook:
             decision = self._redecide(fusion_id, rationale=rationale.strip(), clinician=clinician.strip())
             self.ledger.append("decision", decision.to_dict(), fusion_id=fusion_id, patient_key=current.patient_key)
         self._maybe_export(fusion_id)
-        return self.decision(fusion_id)
+        return self.require_decision(fusion_id)
 
     def _maybe_export(self, fusion_id: str) -> None:
-        d = self.decision(fusion_id)
-        if d.status != "ready_to_bill" or self._report(fusion_id) is None:
+        d = self.require_decision(fusion_id)
+        if d is None or d.status != "ready_to_bill" or self._claim_report(fusion_id) is None:
             return
         try:
             self.export(fusion_id)
@@ -330,7 +371,7 @@ class BillingHook:
         ExportError
             No report attached, no fee for the code, or provider data missing.
         """
-        d = self.decision(fusion_id)
+        d = self.require_decision(fusion_id)
         if d.status == "exported":
             e = self._latest(fusion_id, "exported")
             assert e is not None
@@ -338,10 +379,10 @@ class BillingHook:
         if d.status != "ready_to_bill":
             raise NotReadyError(f"fusion {fusion_id} is {d.status.replace('_', ' ')}, not ready to bill: "
                                 + " ".join(d.reasons))
-        report = self._report(fusion_id)
+        report = self._claim_report(fusion_id)
         if report is None:
-            raise ExportError(f"fusion {fusion_id} has no fusion report attached; attach it first "
-                              "(its id is the claim attachment control number)")
+            raise ExportError(f"fusion {fusion_id} has no fusion report attached after its documentation; attach "
+                              "the report first (its id is the claim attachment control number)")
         fees = parse_fee_schedule(self.policy.fee_schedule)
         if d.code not in fees:
             raise ExportError(f"no fee for {d.code} in billing.policy.fee_schedule; add e.g. \"{d.code}=350.00\"")

@@ -191,17 +191,6 @@ class BillingHook:
         e = self._latest(fusion_id, "report_attached")
         return e.event if e else None
 
-    def _claim_report(self, fusion_id: str) -> Mapping[str, Any] | None:
-        """The report a claim can carry: the latest attached one, and when a rationale was
-        documented, one attached after it (so the payer's attachment shows the rationale)."""
-        rep = self._latest(fusion_id, "report_attached")
-        if rep is None:
-            return None
-        doc = self._latest(fusion_id, "documentation")
-        if doc is not None and rep.seq < doc.seq:
-            return None
-        return rep.event
-
     def _prior_claims(self, patient_key: str) -> tuple[rules.PriorClaim, ...]:
         latest: dict[str, BillingDecision] = {}
         for e in self.ledger.entries(kind="decision", patient_key=patient_key):
@@ -324,9 +313,9 @@ class BillingHook:
 
     def document(self, fusion_id: str, *, rationale: str, clinician: str) -> BillingDecision:
         """Ledger the clinical rationale (rule 8) and decide again (needs_documentation ->
-        ready_to_bill). The claim is exported as soon as a report attached *after* the
-        documentation exists (the payer's attachment must show the rationale); the pipeline
-        writes that report version and calls :meth:`attach_report`.
+        ready_to_bill); when a report is attached, export the claim with the latest report
+        as its attachment (the pipeline attaches a report version showing the rationale
+        before documenting, see :meth:`_redecide` for the preview it is written from).
 
         Raises
         ------
@@ -349,7 +338,7 @@ class BillingHook:
 
     def _maybe_export(self, fusion_id: str) -> None:
         d = self.require_decision(fusion_id)
-        if d is None or d.status != "ready_to_bill" or self._claim_report(fusion_id) is None:
+        if d is None or d.status != "ready_to_bill" or self._report(fusion_id) is None:
             return
         try:
             self.export(fusion_id)
@@ -379,10 +368,10 @@ class BillingHook:
         if d.status != "ready_to_bill":
             raise NotReadyError(f"fusion {fusion_id} is {d.status.replace('_', ' ')}, not ready to bill: "
                                 + " ".join(d.reasons))
-        report = self._claim_report(fusion_id)
+        report = self._report(fusion_id)
         if report is None:
-            raise ExportError(f"fusion {fusion_id} has no fusion report attached after its documentation; attach "
-                              "the report first (its id is the claim attachment control number)")
+            raise ExportError(f"fusion {fusion_id} has no fusion report attached; attach the report first "
+                              "(its id is the claim attachment control number)")
         fees = parse_fee_schedule(self.policy.fee_schedule)
         if d.code not in fees:
             raise ExportError(f"no fee for {d.code} in billing.policy.fee_schedule; add e.g. \"{d.code}=350.00\"")

@@ -10,6 +10,7 @@ from typing import Callable
 import pytest
 
 from billing_hooks.companions import suggest_companions
+from billing_hooks.errors import NotReadyError
 from billing_hooks.decision import BillingDecision
 from billing_hooks.policy import PayerPolicy
 from billing_hooks.rules import RULES
@@ -159,15 +160,30 @@ def test_rerun_is_billed_once_and_names_the_first_fusion(tmp_path: Path) -> None
 def test_rationale_then_report_exports_exactly_one_claim(tmp_path: Path) -> None:
     hook = make_hook(tmp_path / "data")
     hook.record_fusion(result(tmp_path, "F1", (cbct("a"), scan())))
-    attach_pdf(hook, tmp_path, "F1", "RPT-F1-1")  # report of the undocumented state
     d = hook.document("F1", rationale="Implant planning at 36.", clinician="Dr. A. Molar")
-    assert d.status == "ready_to_bill"  # the claim waits for a report that shows the rationale
-    attach_pdf(hook, tmp_path, "F1", "RPT-F1-2")
+    assert d.status == "ready_to_bill"  # no report yet: nothing to attach to a claim
+    attach_pdf(hook, tmp_path, "F1", "RPT-F1-1")
     d = hook.require_decision("F1")
-    assert d.status == "exported" and d.report_id == "RPT-F1-2"
-    hook.record_fusion(result(tmp_path, "F2", (cbct("a"), scan())))  # re-run: not a second claim
+    assert d.status == "exported" and d.report_id == "RPT-F1-1"
+    (tmp_path / "later").mkdir()
+    attach_pdf(hook, tmp_path / "later", "F1", "RPT-F1-2")
+    assert hook.require_decision("F1").report_id == "RPT-F1-1"  # a sent claim keeps its attachment
+    assert hook.record_fusion(result(tmp_path, "F2", (cbct("a"), scan()))).status == "not_eligible"  # re-run
     assert hook.export("F1") == hook.export("F1")
     assert [r.fusion_id for r in hook.outbox.rows()] == ["F1", "F1"]
+    with pytest.raises(NotReadyError, match="already exported"):
+        hook.document("F1", rationale="changed", clinician="Dr B")
+
+
+def test_report_attached_before_documentation_is_exported_on_documentation(tmp_path: Path) -> None:
+    hook = make_hook(tmp_path / "data")
+    hook.record_fusion(result(tmp_path, "F1", (cbct("a"), scan())))
+    attach_pdf(hook, tmp_path, "F1", "RPT-F1-1")
+    assert hook.require_decision("F1").status == "needs_documentation"
+    d = hook.document("F1", rationale="Implant planning at 36.", clinician="Dr. A. Molar")
+    assert (d.status, d.code, d.report_id) == ("exported", "D0395", "RPT-F1-1")
+    kinds = [e.kind for e in hook.ledger.entries(fusion_id="F1")]
+    assert kinds.index("documentation") < kinds.index("exported")
 
 
 def test_unknown_fusion_and_empty_rationale_are_refused(tmp_path: Path) -> None:

@@ -6,8 +6,13 @@ received times, and a record of every conflicting duplicate. Each change of a se
 content bumps its ``generation``; the stability monitor (:mod:`dicom_node.stability`)
 uses that to (re)announce a series after its quiet period.
 
-Writes are committed with ``synchronous=FULL`` before the node answers 0x0000.
-Thread-safe: one connection guarded by a lock (SQLite serialises writers anyway).
+Durability: the instance *file* is fsync'd (and its directory) before the row is
+committed, and the row is committed before the node answers 0x0000. The database runs in
+WAL mode with ``synchronous=NORMAL``: a committed row survives any process crash (kill -9);
+after a power loss the last rows may be missing, and :func:`dicom_node.ingest.reconcile_store`
+(run at every start) re-indexes every durable file that has no row. The file on disk is
+the source of truth; this saves one fsync per instance. Thread-safe: one connection
+guarded by a lock (SQLite serialises writers anyway).
 """
 
 from __future__ import annotations
@@ -91,13 +96,15 @@ def iso_utc(epoch_s: float) -> str:
     return _dt.datetime.fromtimestamp(epoch_s, _dt.timezone.utc).isoformat(timespec="microseconds")
 
 
-def connect(db_path: Path) -> sqlite3.Connection:
-    """Open the node's SQLite file with the durability settings (WAL, synchronous=FULL)."""
+def connect(db_path: Path, synchronous: str = "NORMAL") -> sqlite3.Connection:
+    """Open the node's SQLite file in WAL mode (``synchronous`` NORMAL or FULL)."""
+    if synchronous not in ("NORMAL", "FULL"):
+        raise ValueError("synchronous must be NORMAL or FULL")
     try:
         conn = sqlite3.connect(str(db_path), timeout=30.0, check_same_thread=False,
                                isolation_level=None)
         conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute(f"PRAGMA synchronous={synchronous}")
         conn.execute("PRAGMA busy_timeout=30000")
         conn.row_factory = sqlite3.Row
     except sqlite3.Error as exc:

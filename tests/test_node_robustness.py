@@ -1,0 +1,352 @@
+"""The listener under hostile or heavy input: a malformed corpus, stalled senders,
+concurrent senders, duplicates over the network."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import struct
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pynetdicom import AE, _config
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu import P_DATA_TF
+
+from dicom_node.server import DicomNode
+from dicom_node.settings import NodeSettings, StabilitySettings
+from dicom_node.status import Status
+from node_support import (
+    CT,
+    UID_ROOT,
+    ct_dataset,
+    dataset_offset,
+    dataset_sha256,
+    dcmtk,
+    make_ct_series,
+    sop_uid_of,
+    stored_files,
+    temp_files,
+)
+
+MR = "1.2.840.10008.5.1.4.1.1.4"
+VERIFICATION = "1.2.840.10008.1.1"
+
+
+@pytest.fixture
+def node(tmp_path):
+    n = DicomNode(NodeSettings(port=0, network_timeout_s=1.0, dimse_timeout_s=5.0, acse_timeout_s=5.0),
+                  StabilitySettings(check_interval_s=0.1), tmp_path / "data")
+    n.start()
+    yield n
+    n.close()
+
+
+def _scu(port: int, contexts=(CT, MR), calling: str = "FUZZ"):
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(VERIFICATION)
+    for c in contexts:
+        for ts in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99"):
+            ae.add_requested_context(c, ts)  # one context per syntax, so each is accepted
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    assoc = ae.associate("127.0.0.1", port, ae_title="DENTFUSE")
+    assert assoc.is_established
+    # pynetdicom's SCU leaves Nagle on: ~40 ms per C-STORE on loopback without this
+    assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return assoc
+
+
+def _write_raw(path: Path, sop_class: str, sop_inst: str, body: bytes,
+               ts: str = "1.2.840.10008.1.2.1") -> Path:
+    """A Part 10 file whose dataset bytes are exactly ``body`` (sent verbatim)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_inst
+    meta.TransferSyntaxUID = ts
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    buf = io.BytesIO()
+    buf.write(b"\x00" * 128 + b"DICM")
+    from pydicom.filebase import DicomFileLike
+
+    fl = DicomFileLike(buf)
+    fl.is_little_endian, fl.is_implicit_VR = True, False
+    write_file_meta_info(fl, meta, enforce_standard=False)
+    path.write_bytes(buf.getvalue() + body)
+    return path
+
+
+def _body(ds) -> bytes:
+    b = io.BytesIO()
+    ds.save_as(b, enforce_file_format=True)
+    raw = b.getvalue()
+    tmp = Path(os.devnull)
+    del tmp
+    # dataset bytes after the file meta group
+    f = io.BytesIO(raw)
+    f.seek(132)
+    pos = 132
+    while True:
+        hdr = raw[pos:pos + 8]
+        if struct.unpack("<H", hdr[:2])[0] != 2:
+            return raw[pos:]
+        vr = hdr[4:6]
+        if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT"):
+            pos += 12 + struct.unpack("<I", raw[pos + 8:pos + 12])[0]
+        else:
+            pos += 8 + struct.unpack("<H", hdr[6:8])[0]
+
+
+def _corpus(tmp_path: Path) -> list[tuple[str, Path, set[int]]]:
+    """(name, file, acceptable statuses) of malformed instances."""
+    rng = np.random.default_rng(41)
+    study, series = generate_uid(UID_ROOT), generate_uid(UID_ROOT)
+    out = tmp_path / "bad"
+    out.mkdir()
+    items: list[tuple[str, Path, set[int]]] = []
+
+    def good(i: int):
+        return ct_dataset(rng, "DF-FUZZ", study, series, i)
+
+    def add(name: str, ds=None, body: bytes | None = None, sop_class: str = CT,
+            sop_inst: str | None = None, statuses: set[int] = frozenset(), ts: str = "1.2.840.10008.1.2.1"):
+        if body is None:
+            body = _body(ds)
+        inst = sop_inst if sop_inst is not None else str(ds.SOPInstanceUID) if ds is not None else generate_uid(UID_ROOT)
+        items.append((name, _write_raw(out / f"{name}.dcm", sop_class, inst, body, ts), set(statuses)))
+
+    ds = good(0)
+    add("truncated", ds, body=_body(ds)[:-300], statuses={Status.CANNOT_UNDERSTAND_TRUNCATED})
+    ds = good(1)
+    add("truncated_in_header", ds, body=_body(ds)[:-(64 * 64 * 2) - 5],
+        statuses={Status.CANNOT_UNDERSTAND_TRUNCATED})
+    ds = good(2)
+    body = bytearray(_body(ds))
+    pix = body.rfind(b"\xe0\x7f\x10\x00OW")
+    body[pix + 8:pix + 12] = struct.pack("<I", 0xFFFFFFF0)  # huge declared pixel data length
+    add("huge_pixel_length", ds, body=bytes(body), statuses={Status.CANNOT_UNDERSTAND_TRUNCATED})
+    ds = good(3)
+    add("huge_trailing_element", ds, body=_body(ds) + b"\xfc\xff\xfc\xffOB\x00\x00" + struct.pack("<I", 0x7FFFFFF0) + b"xx",
+        statuses={Status.CANNOT_UNDERSTAND_TRUNCATED, Status.CANNOT_UNDERSTAND})
+    ds = good(4)
+    ds.SOPClassUID = MR  # dataset says MR, context is CT
+    add("wrong_sop_class_for_context", ds, sop_class=CT, statuses={Status.DATASET_DOES_NOT_MATCH_SOP_CLASS})
+    for i, (attr, value) in enumerate([("SeriesInstanceUID", "../../etc"), ("SeriesInstanceUID", "1.2.3/../x"),
+                                       ("StudyInstanceUID", "1." + "2" * 70), ("StudyInstanceUID", "1.02.3"),
+                                       ("SeriesInstanceUID", "")]):
+        ds = good(10 + i)
+        setattr(ds, attr, value)
+        add(f"bad_uid_{i}", ds, statuses={Status.CANNOT_UNDERSTAND_INVALID_UID,
+                                          Status.CANNOT_UNDERSTAND_MISSING_ATTRIBUTE})
+    ds = good(20)
+    ds.SOPInstanceUID = "../../../tmp/owned"
+    add("path_trick_sop_uid", ds, sop_inst="../../../tmp/owned",
+        statuses={Status.CANNOT_UNDERSTAND_INVALID_UID})
+    ds = good(21)
+    add("sop_uid_differs_from_command", ds, sop_inst=generate_uid(UID_ROOT),
+        statuses={Status.SOP_INSTANCE_UID_MISMATCH})
+    for i, attr in enumerate(["SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID", "SOPClassUID"]):
+        ds = good(30 + i)
+        inst = str(ds.SOPInstanceUID)
+        delattr(ds, attr)
+        add(f"missing_{attr}", ds, sop_inst=inst, statuses={Status.CANNOT_UNDERSTAND_MISSING_ATTRIBUTE})
+    add("random_bytes", body=bytes(rng.integers(0, 256, 5000, dtype=np.uint8)),
+        statuses={Status.CANNOT_UNDERSTAND, Status.CANNOT_UNDERSTAND_TRUNCATED})
+    add("random_deflated", body=bytes(rng.integers(0, 256, 5000, dtype=np.uint8)),
+        ts="1.2.840.10008.1.2.1.99", statuses={Status.CANNOT_UNDERSTAND_TRUNCATED, Status.CANNOT_UNDERSTAND})
+    add("empty_dataset", body=b"", statuses={Status.CANNOT_UNDERSTAND_MISSING_ATTRIBUTE})
+    return items
+
+
+def test_malformed_corpus_gets_failure_statuses_and_the_node_keeps_serving(node, tmp_path, monkeypatch):
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # send the bytes verbatim
+    corpus = _corpus(tmp_path)
+    good = make_ct_series(tmp_path / "good", len(corpus), seed=42)
+    assoc = _scu(node.port)
+    try:
+        for (name, path, statuses), good_path in zip(corpus, good):
+            rsp = assoc.send_c_store(path)
+            assert rsp is not None and "Status" in rsp, f"{name}: no response"
+            assert rsp.Status in statuses, f"{name}: status 0x{rsp.Status:04X}, expected {statuses}"
+            assert assoc.send_c_echo().Status == 0, name
+            rsp = assoc.send_c_store(good_path)
+            assert rsp.Status == 0, f"good instance after {name}: 0x{rsp.Status:04X}"
+    finally:
+        assoc.release()
+    # only the good instances exist, nothing escaped the store, no temporary files
+    assert node.index.count() == len(good)
+    assert sorted(r.sha256 for r in node.index.instances()) == sorted(dataset_sha256(p) for p in good)
+    assert len(stored_files(node.data_dir)) == len(good)
+    assert not (tmp_path / "tmp" / "owned.dcm").exists()
+    assert temp_files(node.data_dir) == []
+    failures = node.audit.events("store_failed")
+    assert len(failures) == len(corpus)
+    assert all(f.detail["reason"] and f.detail["status"].startswith("0x") for f in failures)
+    rows = {e.study_instance_uid: e for e in node.audit.events("instances_received")}
+    (good_study,) = {r.study_instance_uid for r in node.index.instances()}
+    assert rows[good_study].instance_count == len(good) and rows[good_study].outcome == "success"
+    # refused instances have no trusted study: one row counting them, with their reasons
+    assert rows[""].outcome == "serious_failure" and rows[""].detail["failed"] == len(corpus)
+    assert len(rows[""].detail["failures"]) == len(corpus)
+
+
+def test_raw_sample_files_are_stored_byte_exact(tmp_path, monkeypatch):
+    """pydicom's sample files sent verbatim (compressed, implicit VR, odd encodings such as
+    OW encapsulated pixel data) land byte-identical. Several MR samples share one SOP
+    Instance UID, so the node keeps the newest and each is checked right after its send."""
+    from pydicom.data import get_testdata_file
+
+    node = DicomNode(NodeSettings(port=0, duplicate_policy="keep_newest"), StabilitySettings(),
+                     tmp_path / "samples")
+    node.start()
+
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    names = ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_implicit.dcm", "CT_small.dcm",
+             "SC_rgb_jpeg_dcmtk.dcm", "JPEG2000.dcm", "JPEG-lossy.dcm"]
+    paths = [Path(p) for n in names if (p := get_testdata_file(n, download=False))]
+    assert len(paths) >= 5
+    ae = AE(ae_title="SAMPLES")
+    for p in paths:
+        m = dcmread(p, stop_before_pixels=True)
+        ae.add_requested_context(m.SOPClassUID, m.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DENTFUSE")
+    assert assoc.is_established
+    try:
+        for p in paths:
+            rsp = assoc.send_c_store(p)
+            assert rsp.Status == 0, p.name
+            rec = node.index.get(sop_uid_of(p))
+            sent = p.read_bytes()[dataset_offset(p):]
+            stored = Path(rec.path).read_bytes()[dataset_offset(Path(rec.path)):]
+            assert stored == sent, p.name
+    finally:
+        assoc.release()
+        node.close()
+
+
+def _stall(port: int, *, mid_pdu: bool, sop_uid: str, body: bytes) -> AE:
+    """Send a C-STORE command and part of its dataset, then go silent."""
+    assoc = _scu(port, calling="STALLER")
+    cx = next(c for c in assoc.accepted_contexts if c.abstract_syntax == CT)
+    req = C_STORE()
+    req.MessageID = 1
+    req.AffectedSOPClassUID = CT
+    req.AffectedSOPInstanceUID = sop_uid
+    req.Priority = 2
+    req.DataSet = io.BytesIO(body)
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    pdus = []
+    for prim in msg.encode_msg(cx.context_id, 4096):
+        pdu = P_DATA_TF()
+        pdu.from_primitive(prim)
+        pdus.append(pdu.encode())
+    sock = assoc.dul.socket.socket
+    for raw in pdus[: len(pdus) // 2]:
+        sock.sendall(raw)
+    if mid_pdu:
+        nxt = pdus[len(pdus) // 2]
+        sock.sendall(nxt[: len(nxt) // 2])  # header promises more than ever arrives
+    return assoc
+
+
+@pytest.mark.parametrize("mid_pdu", [False, True])
+def test_stalled_sender_is_timed_out_and_its_partial_instance_discarded(node, tmp_path, mid_pdu):
+    rng = np.random.default_rng(51)
+    ds = ct_dataset(rng, "DF-STALL", generate_uid(UID_ROOT), generate_uid(UID_ROOT), 0, rows=128, cols=128)
+    assoc = _stall(node.port, mid_pdu=mid_pdu, sop_uid=str(ds.SOPInstanceUID), body=_body(ds))
+    try:
+        deadline = time.monotonic() + 5  # the partial dataset is streaming to disk
+        while not temp_files(node.data_dir) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert temp_files(node.data_dir), "expected the partial instance in the incoming directory"
+        # while it stalls, others are served
+        other = _scu(node.port, calling="OTHER")
+        (p,) = make_ct_series(tmp_path / "other", 1, seed=52)
+        assert other.send_c_store(dcmread(p)).Status == 0
+        other.release()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if not any(a.requestor.ae_title == "STALLER" for a in node._server.active_associations) and \
+                    not temp_files(node.data_dir):
+                break
+            time.sleep(0.1)
+        assert not any(a.requestor.ae_title == "STALLER" for a in node._server.active_associations)
+        assert temp_files(node.data_dir) == []
+        assert node.index.get(str(ds.SOPInstanceUID)) is None
+        assert node.index.count() == 1
+    finally:
+        assoc.abort()
+
+
+def test_concurrent_senders_lose_nothing_and_mix_nothing(node, tmp_path):
+    storescu = dcmtk("storescu")
+    n_threads, per_thread = 6, 12
+    series = [make_ct_series(tmp_path / f"s{t}", per_thread, seed=100 + t, rows=80, cols=80,
+                             patient_id=f"DF-L{t}") for t in range(n_threads)]
+    cli_series = [make_ct_series(tmp_path / f"c{t}", per_thread, seed=200 + t, rows=80, cols=80,
+                                 patient_id=f"DF-C{t}") for t in range(2)]
+
+    def send(paths: list[Path]) -> list[int]:
+        assoc = _scu(node.port, calling="LOAD")
+        try:
+            return [assoc.send_c_store(dcmread(p)).Status for p in paths]
+        finally:
+            assoc.release()
+
+    procs = [subprocess.Popen([storescu, "-aec", "DENTFUSE", "+sd", "127.0.0.1", str(node.port),
+                               str(tmp_path / f"c{t}")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for t in range(2)]
+    with ThreadPoolExecutor(n_threads) as pool:
+        statuses = list(pool.map(send, series))
+    for p in procs:
+        _out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err.decode()
+    assert all(s == 0 for st in statuses for s in st)
+    everything = [p for s in series + cli_series for p in s]
+    assert node.index.count() == len(everything)
+    for p in everything:
+        rec = node.index.get(sop_uid_of(p))
+        assert rec is not None
+        stored = dcmread(rec.path, stop_before_pixels=True)
+        src = dcmread(p, stop_before_pixels=True)
+        assert Path(rec.path).name == f"{src.SOPInstanceUID}.dcm"
+        assert (stored.SOPInstanceUID, stored.SeriesInstanceUID, stored.PatientID) == (
+            src.SOPInstanceUID, src.SeriesInstanceUID, src.PatientID)
+        assert dataset_sha256(Path(rec.path)) == dataset_sha256(p) == rec.sha256
+    assert {s.instance_count for s in node.index.series()} == {per_thread}
+    assert len(node.index.series()) == n_threads + 2
+    assert temp_files(node.data_dir) == []
+
+
+@pytest.mark.parametrize("policy", ["keep_first", "keep_newest"])
+def test_duplicates_over_the_network(tmp_path, policy):
+    n = DicomNode(NodeSettings(port=0, duplicate_policy=policy), StabilitySettings(), tmp_path / "d")
+    n.start()
+    try:
+        (p,) = make_ct_series(tmp_path / "src", 1, seed=61)
+        ds1 = dcmread(p)
+        ds2 = dcmread(p)
+        ds2.PixelData = bytes(reversed(ds2.PixelData))
+        assoc = _scu(n.port)
+        assert [assoc.send_c_store(d).Status for d in (ds1, ds1, ds2)] == [0, 0, 0]
+        assoc.release()
+        assert n.index.count() == 1
+        (dup,) = n.index.duplicates()
+        stored = dcmread(n.index.get(str(ds1.SOPInstanceUID)).path)
+        expected = ds1 if policy == "keep_first" else ds2
+        assert stored.PixelData == expected.PixelData
+        assert dup.action == ("kept_first" if policy == "keep_first" else "replaced")
+        assert len(stored_files(n.data_dir)) == 1
+    finally:
+        n.close()

@@ -148,28 +148,29 @@ def document(cfg_opts: dict[str, Any], as_json: bool, fusion_id: str, rationale:
     """Attach the medical-necessity note to a fusion (rule 8); ledgered. When the fusion is
     otherwise eligible, its report is re-issued and the claim exported."""
     from billing_hooks.errors import BillingError
-    from billing_hooks.service import BillingHook, ledger_path
 
     cfg = build_config(cfg_opts)
-    if not ledger_path(cfg.data_dir).is_file():
-        raise click.ClickException(f"no ledger in {cfg.data_dir}; check --data-dir")
+    led = _open_ledger(cfg.data_dir)
     try:
-        try:
-            from pipeline.bootstrap import App
-        except ImportError:  # billing alone: record the documentation without the report follow-up
-            App = None  # type: ignore[assignment]
-        if App is not None:
-            app = App(cfg, workers=False)
-            try:
-                if app.billing.decision(fusion_id) is None:
-                    raise click.ClickException(f"fusion {fusion_id!r} is not in the ledger; see `dentfuse events`")
-                decision = app.document(fusion_id, rationale, clinician)
-            finally:
-                app.close()
+        known = bool(led.entries(fusion_id=fusion_id, kind="decision"))
+    finally:
+        led.close()
+    if not known:
+        raise click.ClickException(f"fusion {fusion_id!r} is not in the ledger of {cfg.data_dir}; "
+                                   "see `dentfuse events`")
+    try:
+        from pipeline.bootstrap import document_fusion
+    except ImportError:  # billing alone: record the documentation without the report follow-up
+        document_fusion = None  # type: ignore[assignment]
+    try:
+        if document_fusion is not None:
+            decision = document_fusion(cfg, fusion_id, rationale, clinician)
         else:
+            from billing_hooks.service import BillingHook
+
             with BillingHook.from_config(cfg) as hook:
                 decision = hook.document(fusion_id, rationale=rationale, clinician=clinician)
-    except BillingError as exc:
+    except (BillingError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
         emit_json(decision.to_dict())

@@ -1,0 +1,211 @@
+"""The hash-chained ledger: `dentfuse ledger verify` on a fresh ledger and after each kind
+of tampering; `dentfuse events`; `dentfuse document`; append-only at the database level."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from billing_hooks.ledger import Ledger, canonical_json, entry_hash
+from billing_hooks.service import ledger_path
+from billing_helpers import FakeClock, attach_pdf, cbct, make_hook, result, scan
+from pipeline.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("DENTFUSE_CONFIG", "DENTFUSE_DATA_DIR"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture()
+def data_dir(tmp_path: Path) -> Path:
+    """A data directory with an exported claim (F1) and a not-eligible fusion (F2)."""
+    data = tmp_path / "data"
+    clock = FakeClock()
+    hook = make_hook(data, clock=clock)
+    hook.record_fusion(result(data, "F1", (cbct("a"), scan())))
+    attach_pdf(hook, data, "F1", "RPT-F1-1")
+    clock.advance(days=2)
+    hook.document("F1", rationale="Implant planning at 36.", clinician="Dr. A. Molar")
+    r2 = result(data, "F2", (cbct("x", patient="DF-0002"),))
+    hook.record_fusion(r2)
+    hook.record_fusion(r2)  # delivered twice
+    assert hook.require_decision("F1").status == "exported"
+    hook.close()
+    return data
+
+
+def verify(data: Path, *extra: str):
+    return CliRunner().invoke(main, ["ledger", "verify", "--data-dir", str(data), *extra])
+
+
+def _db(data: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(ledger_path(data), isolation_level=None)
+    conn.execute("DROP TRIGGER ledger_no_update")
+    conn.execute("DROP TRIGGER ledger_no_delete")
+    return conn
+
+
+def _row(conn: sqlite3.Connection, seq: int) -> tuple:
+    return conn.execute("SELECT kind, fusion_id, patient_key, recorded_at, entry, hash FROM ledger WHERE seq=?",
+                        (seq,)).fetchone()
+
+
+def test_fresh_ledger_verifies(data_dir: Path) -> None:
+    res = verify(data_dir)
+    assert res.exit_code == 0, res.output
+    assert "ledger OK" in res.output and "files verified" in res.output
+    res = verify(data_dir, "--json")
+    out = json.loads(res.output)
+    assert out["ok"] and out["entries"] >= 10 and out["files_checked"] >= 5 and out["first_broken"] is None
+
+
+def _kind_seq(data: Path, kind: str, fusion_id: str = "F1") -> int:
+    led = Ledger(ledger_path(data))
+    try:
+        return led.entries(fusion_id=fusion_id, kind=kind)[0].seq
+    finally:
+        led.close()
+
+
+def tamper_edit(data: Path) -> int:
+    seq = _kind_seq(data, "exported")
+    conn = _db(data)
+    entry = _row(conn, seq)[4]
+    conn.execute("UPDATE ledger SET entry=? WHERE seq=?", (entry.replace('"fee":350.0', '"fee":35.0'), seq))
+    return seq
+
+
+def tamper_delete(data: Path) -> int:
+    _db(data).execute("DELETE FROM ledger WHERE seq=3")
+    return 3
+
+
+def tamper_reorder(data: Path) -> int:
+    conn = _db(data)
+    a, b = _row(conn, 3), _row(conn, 4)
+    for seq, r in ((3, b), (4, a)):
+        conn.execute("UPDATE ledger SET kind=?, fusion_id=?, patient_key=?, recorded_at=?, entry=?, hash=? "
+                     "WHERE seq=?", (*r, seq))
+    return 3
+
+
+def tamper_insert(data: Path) -> int:
+    conn = _db(data)
+    last = conn.execute("SELECT MAX(seq) FROM ledger").fetchone()[0]
+    for seq in range(last, 3, -1):  # make room at 4
+        conn.execute("UPDATE ledger SET seq=? WHERE seq=?", (seq + 1, seq))
+    prev = _row(conn, 3)[5]
+    body = {"seq": 4, "kind": "documentation", "at": "2026-11-26T09:00:00.000000Z", "fusion_id": "F1",
+            "patient_key": "DF-0001", "event": {"rationale": "forged", "clinician": "nobody"}, "prev": prev}
+    text = canonical_json(body)
+    conn.execute("INSERT INTO ledger VALUES (4, 'documentation', 'F1', 'DF-0001', ?, ?, ?)",
+                 (body["at"], text, entry_hash(text)))
+    return 5  # the forged entry chains correctly; the one after it no longer does
+
+
+def tamper_truncate(data: Path) -> int:
+    conn = _db(data)
+    last = conn.execute("SELECT MAX(seq) FROM ledger").fetchone()[0]
+    conn.execute("DELETE FROM ledger WHERE seq=?", (last,))
+    return last
+
+
+def tamper_output_file(data: Path) -> int:
+    (data / "fusions" / "F1" / "reg.dcm").write_bytes(b"something else")
+    return _kind_seq(data, "fusion_recorded")
+
+
+def tamper_export_file(data: Path) -> int:
+    p = data / "exports" / "F1" / "claim.837"
+    p.write_text(p.read_text().replace("SV3*AD:D0395*350", "SV3*AD:D0395*950"))
+    return _kind_seq(data, "exported")
+
+
+def tamper_report_deleted(data: Path) -> int:
+    (data / "F1-report.pdf").unlink()
+    return _kind_seq(data, "report_attached")
+
+
+TAMPERING = [tamper_edit, tamper_delete, tamper_reorder, tamper_insert, tamper_truncate, tamper_output_file,
+             tamper_export_file, tamper_report_deleted]
+
+
+@pytest.mark.parametrize("tamper", TAMPERING, ids=[t.__name__ for t in TAMPERING])
+def test_verify_names_first_broken_entry(data_dir: Path, tamper) -> None:
+    expected = tamper(data_dir)
+    res = verify(data_dir)
+    assert res.exit_code == 1, res.output
+    assert f"ledger BROKEN at entry {expected}:" in res.output
+    out = json.loads(verify(data_dir, "--json").output)
+    assert out["ok"] is False and out["first_broken"]["seq"] == expected
+
+
+def test_database_refuses_update_and_delete(data_dir: Path) -> None:
+    conn = sqlite3.connect(ledger_path(data_dir))
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        conn.execute("UPDATE ledger SET kind='x' WHERE seq=1")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        conn.execute("DELETE FROM ledger WHERE seq=1")
+    assert not any(hasattr(Ledger, name) for name in ("update", "delete", "remove", "edit"))
+
+
+def test_entries_are_canonical_json_with_chain(data_dir: Path) -> None:
+    conn = sqlite3.connect(ledger_path(data_dir))
+    prev = "0" * 64
+    for seq, text, h in conn.execute("SELECT seq, entry, hash FROM ledger ORDER BY seq"):
+        e = json.loads(text)
+        assert json.dumps(e, sort_keys=True, separators=(",", ":"), ensure_ascii=False) == text
+        assert e["prev"] == prev and e["seq"] == seq and entry_hash(text) == h
+        prev = h
+
+
+def test_events_command_filters(data_dir: Path) -> None:
+    run = CliRunner().invoke
+    res = run(main, ["events", "--data-dir", str(data_dir), "--json", "--fusion-id", "F2"])
+    assert res.exit_code == 0, res.output
+    kinds = [e["kind"] for e in json.loads(res.output)]
+    assert kinds == ["fusion_recorded", "decision", "duplicate_delivery"]
+    res = run(main, ["events", "--data-dir", str(data_dir), "--json", "--kind", "decision", "--patient", "DF-0001"])
+    decisions = json.loads(res.output)
+    assert [d["event"]["status"] for d in decisions][-1] == "exported"
+    assert all(d["patient_key"] == "DF-0001" for d in decisions)
+    res = run(main, ["events", "--data-dir", str(data_dir), "--json", "--since", "2026-11-27"])
+    later = json.loads(res.output)
+    assert later and all(e["at"] >= "2026-11-27" for e in later)
+    kinds = [(e["kind"], e["fusion_id"]) for e in later]
+    assert ("documentation", "F1") in kinds and ("fusion_recorded", "F1") not in kinds
+    res = run(main, ["events", "--data-dir", str(data_dir)])
+    assert res.exit_code == 0 and "duplicate_delivery" in res.output and "exported" in res.output
+    res = run(main, ["ledger", "show", "1", "--data-dir", str(data_dir)])
+    assert json.loads(res.output)["kind"] == "fusion_recorded"
+
+
+def test_document_command(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    hook = make_hook(data)
+    r = result(data, "F1", (cbct("a"), scan()))
+    hook.record_fusion(r)
+    hook.close()
+    (data / "fusions" / "F1" / "result.json").write_text(r.to_json(), encoding="utf-8")
+    run = CliRunner().invoke
+    res = run(main, ["document", "nope", "--rationale", "x", "--clinician", "y", "--data-dir", str(data)])
+    assert res.exit_code != 0 and "not in the ledger" in res.output
+    res = run(main, ["document", "F1", "--rationale", "Implant planning at 36.", "--clinician", "Dr. A. Molar",
+                     "--data-dir", str(data), "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output)
+    assert d["rationale"] == "Implant planning at 36." and d["status"] in ("ready_to_bill", "exported")
+    doc = json.loads(run(main, ["events", "--data-dir", str(data), "--json", "--kind", "documentation"]).output)
+    assert doc[0]["event"] == {"clinician": "Dr. A. Molar", "rationale": "Implant planning at 36."}
+    assert verify(data).exit_code == 0
+
+
+def test_verify_without_ledger_is_a_clear_error(tmp_path: Path) -> None:
+    res = verify(tmp_path / "empty")
+    assert res.exit_code != 0 and "no ledger" in res.output

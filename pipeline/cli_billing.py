@@ -131,8 +131,9 @@ def events(cfg_opts: dict[str, Any], as_json: bool, fusion_id: str | None, kind:
         emit_json([e.to_dict() for e in entries])
         return
     table = Table(title=f"dentfuse ledger ({len(entries)} entries)")
-    for col in ("seq", "recorded (UTC)", "kind", "fusion", "patient", "summary"):
-        table.add_column(col)
+    for col in ("seq", "recorded (UTC)", "kind", "fusion", "patient"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("summary")
     for e in entries:
         table.add_row(str(e.seq), e.recorded_at[:19].replace("T", " "), e.kind, e.fusion_id, e.patient_key,
                       _summary(e.kind, dict(e.event)))

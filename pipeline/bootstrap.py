@@ -32,7 +32,7 @@ from typing import Any, Callable
 from pipeline.config import Config
 from pipeline.inventory import IndexInventory
 from pipeline.jobs import Job, JobSpec, SqliteJobQueue
-from pipeline.planner import FusionPlanRules, PlannedFusion, plan_fusions
+from pipeline.planner import FusionPlanRules, PlannedFusion, explain_series, plan_fusions
 from pipeline.report import FusionReport, LedgerRef, existing_versions, write_report
 from pipeline.worker import WorkerPool
 
@@ -385,6 +385,10 @@ class App:
         if any(new for _j, new in out) and self.pool is not None:
             self.pool.wake()
         return out
+
+    def explain_patient(self, patient_key: str) -> dict[str, str]:
+        """Series UID -> "input" or why the planner leaves it out (2D, duplicate, ...)."""
+        return explain_series(patient_key, self.inventory.stable_series(patient_key))
 
     def job_spec(self, plan: PlannedFusion) -> JobSpec:
         gate = self.cfg.fusion.surface_gate if plan.kind == "surface" else self.cfg.fusion.volume_gate

@@ -45,6 +45,7 @@ class MeshIdentity:
     study_instance_uid: str = ""
     patient_name: str = ""
     study_date: str = ""
+    manufacturer: str = ""
     source: str = "flags"
 
 
@@ -76,26 +77,31 @@ def mesh_identity(mesh: Path, patient_id: str | None, issuer: str | None, study_
         study_instance_uid=study_uid or str(side.get("study_instance_uid", "") or ""),
         patient_name=patient_name if patient_name is not None else str(side.get("patient_name", "") or ""),
         study_date=str(side.get("study_date", "") or ""),
+        manufacturer=str(side.get("manufacturer", "") or ""),
         source="flags" if patient_id else f"sidecar {used}",
     )
 
 
 def wrap_mesh(mesh: Path, ident: MeshIdentity, out_dir: Path) -> Path:
-    """Wrap an STL/PLY/OBJ scan into a DICOM Encapsulated STL file in ``out_dir``."""
+    """Wrap an STL/PLY/OBJ scan into a DICOM Encapsulated STL file in ``out_dir`` (a new
+    frame of reference: the scanner's own; the patient and study from ``ident``)."""
+    from pydicom.uid import generate_uid
+
     from fusion.surface import load_scan
     from fusion.surface_outputs import write_encapsulated_stl
 
     scan = load_scan(mesh)
-    out = out_dir / (mesh.stem + ".dcm")
-    kwargs: dict[str, Any] = {"patient_id": ident.patient_id, "issuer_of_patient_id": ident.issuer_of_patient_id,
-                              "study_instance_uid": ident.study_instance_uid or None,
-                              "patient_name": ident.patient_name, "study_date": ident.study_date or None}
-    import inspect
-
-    params = inspect.signature(write_encapsulated_stl).parameters
-    accepted = {k: v for k, v in kwargs.items() if k in params and v is not None}
-    written = write_encapsulated_stl(scan, out, **accepted)
-    return Path(getattr(written, "path", written) if not isinstance(written, (str, Path)) else written)
+    ids = {"PatientID": ident.patient_id, "IssuerOfPatientID": ident.issuer_of_patient_id,
+           "PatientName": ident.patient_name, "StudyInstanceUID": ident.study_instance_uid,
+           "StudyDate": ident.study_date}
+    out = write_encapsulated_stl(
+        scan, out_dir / (mesh.stem + ".dcm"), frame_of_reference_uid=generate_uid(),
+        patient_ids={k: v for k, v in ids.items() if v},
+        series_description=f"intraoral scan imported from {mesh.name}"[:64],
+        document_title=f"Intraoral scan {mesh.name}"[:64],
+        manufacturer=ident.manufacturer or "unknown scanner (imported)", model_name="dentfuse import",
+    )
+    return Path(out.path)
 
 
 def iter_inputs(paths: Iterable[Path]) -> Iterable[Path]:

@@ -17,12 +17,15 @@ Rules (each one a configuration switch, ``fusion.plan_*``):
 
 Duplicates (a series re-sent under new UIDs with identical pixels): the planner groups
 series by their pixel fingerprint (a hash of the pixel data as stored, computed by the
-inventory). Only the first received series of a group takes part in the rules above, so a
-re-sent CBCT does not multiply fusions. The duplicate is still *planned once*, paired with
-the series it duplicates, so that the evidence is recorded: fusion measures identical
-content (``content_sha256``) and the billing rules decide "one acquisition, not eligible"
-in the ledger, rather than the planner hiding it silently. (``FusionPlanRules.
-pair_duplicates_for_evidence`` turns that off.)
+inventory). Only the first received series of a group takes part in the rules above; the
+copies are skipped with the reason "duplicate of <series>" (see :func:`explain_series`,
+shown by ``dentfuse status`` and the demo). Choice: skip, rather than plan and let the
+rules decide, because fusion itself refuses to register two series with identical voxel
+content (``InputError``: one acquisition, not two), so a planned pair could only fail;
+and a copy paired with other inputs would only repeat their fusions. Billing still guards
+the same case (rule 2, content hashes) for fusions requested by hand.
+(``FusionPlanRules.pair_duplicates_for_evidence`` plans the copy with its original anyway,
+for sites that want the refusal on record as a failed job.)
 
 Idempotency: a job key is ``patient | sorted series UIDs | content versions``, where a
 series' content version is a hash of its instances (SOP UID + sha256). The same pair is
@@ -72,7 +75,7 @@ class FusionPlanRules:
     plan_cbct_cbct: bool = True
     plan_cbct_mr: bool = True
     cbct_cbct_max_interval_days: int = 3650
-    pair_duplicates_for_evidence: bool = True
+    pair_duplicates_for_evidence: bool = False
 
     @classmethod
     def from_settings(cls, fusion_settings: object) -> "FusionPlanRules":
@@ -182,6 +185,35 @@ def eligible_inputs(series: Iterable[SeriesInfo]) -> tuple[list[SeriesInfo], lis
     return keep, skipped
 
 
+def _split_duplicates(inputs: Sequence[SeriesInfo]) -> tuple[list[SeriesInfo], list[tuple[SeriesInfo, SeriesInfo]]]:
+    """(canonical series, [(duplicate, original)]): the first received of equal fingerprints wins."""
+    canonical: list[SeriesInfo] = []
+    duplicates: list[tuple[SeriesInfo, SeriesInfo]] = []
+    by_fp: dict[str, SeriesInfo] = {}
+    for s in sorted(inputs, key=lambda s: (s.first_received_at, s.series_instance_uid)):
+        fp = s.pixel_fingerprint
+        if fp and fp in by_fp:
+            duplicates.append((s, by_fp[fp]))
+            continue
+        if fp:
+            by_fp[fp] = s
+        canonical.append(s)
+    return canonical, duplicates
+
+
+def explain_series(patient_key: str, series: Sequence[SeriesInfo]) -> dict[str, str]:
+    """For each series UID of the patient: "input" or why the planner leaves it out."""
+    mine = [s for s in series if s.patient_key == patient_key]
+    inputs, skipped = eligible_inputs(mine)
+    _canonical, duplicates = _split_duplicates(inputs)
+    out = {s.series_instance_uid: "input" for s in inputs}
+    out.update({s.series_instance_uid: why for s, why in skipped})
+    for dup, orig in duplicates:
+        out[dup.series_instance_uid] = (f"duplicate of series {orig.series_instance_uid} (identical pixel data): "
+                                        "one acquisition, not fused again")
+    return out
+
+
 def plan_fusions(patient_key: str, series: Sequence[SeriesInfo], rules: FusionPlanRules) -> list[PlannedFusion]:
     """Plan the fusions for one patient.
 
@@ -201,18 +233,7 @@ def plan_fusions(patient_key: str, series: Sequence[SeriesInfo], rules: FusionPl
     mine = [s for s in series if s.patient_key == patient_key]
     inputs, _skipped = eligible_inputs(mine)
 
-    # duplicates: group by pixel fingerprint; the first received is the canonical one
-    canonical: list[SeriesInfo] = []
-    duplicates: list[tuple[SeriesInfo, SeriesInfo]] = []  # (duplicate, original)
-    by_fp: dict[str, SeriesInfo] = {}
-    for s in sorted(inputs, key=lambda s: (s.first_received_at, s.series_instance_uid)):
-        fp = s.pixel_fingerprint
-        if fp and fp in by_fp:
-            duplicates.append((s, by_fp[fp]))
-            continue
-        if fp:
-            by_fp[fp] = s
-        canonical.append(s)
+    canonical, duplicates = _split_duplicates(inputs)
 
     cbcts = sorted([s for s in canonical if _is_cbct(s)], key=_order)
     mrs = [s for s in canonical if _is_mr(s)]

@@ -112,7 +112,7 @@ def test_import_plans_fusions_once_and_replans_on_changed_content(tmp_path: Path
     a = write_series(src / "a", "DF-0001", a_pix, "20250101")
     b = write_series(src / "b", "DF-0001", rng.integers(0, 1000, (4, 8, 8)), "20250601")
     dup = write_series(src / "a_resent", "DF-0001", a_pix, "20250101")
-    write_series(src / "pano", "DF-0001", rng.integers(0, 1000, (1, 8, 8)), "20250601", sop_class=DX, modality="DX")
+    pano = write_series(src / "pano", "DF-0001", rng.integers(0, 1000, (1, 8, 8)), "20250601", sop_class=DX, modality="DX")
     write_series(src / "other", "DF-0002", rng.integers(0, 1000, (4, 8, 8)), "20250101")
     (src / "notes.txt").write_text("not dicom")
     summary = import_paths(cfg, [src])
@@ -124,18 +124,20 @@ def test_import_plans_fusions_once_and_replans_on_changed_content(tmp_path: Path
     app = App(cfg, workers=False, billing=billing)
     try:
         app.node.stability_monitor.check()
-        assert app.process_stability_events() == 2
+        assert app.process_stability_events() == 1
         jobs = {j.payload["rule"]: j for j in app.jobs.list()}
-        assert set(jobs) == {"cbct_cbct", "duplicate_evidence"}
+        assert set(jobs) == {"cbct_cbct"}
         assert jobs["cbct_cbct"].payload["fixed"]["series_instance_uid"] == a
         assert jobs["cbct_cbct"].payload["moving"]["series_instance_uid"] == b
         assert len(jobs["cbct_cbct"].payload["moving"]["paths"]) == 4
-        assert jobs["duplicate_evidence"].payload["moving"]["series_instance_uid"] == dup
+        why = app.explain_patient("DF-0001")
+        assert why[dup].startswith(f"duplicate of series {a}") and why[a] == why[b] == "input"
+        assert "2D" in why[pano]
         assert all(j.patient_key == "DF-0001" for j in app.jobs.list())
         assert app.node.stability_monitor.pending_events() == []
         # the same series again: nothing new
         assert app.plan_patient("DF-0001") and app.process_stability_events() == 0
-        assert len(app.jobs.list()) == 2
+        assert len(app.jobs.list()) == 1
         # a late instance re-opens B with new content: planned again, under a new key
         extra = tmp_path / "late"
         write_series(extra, "DF-0001", rng.integers(0, 1000, (1, 8, 8)), "20250601", series_uid=b,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from pipeline.planner import FusionPlanRules, SeriesInfo, eligible_inputs, fusion_id_for, job_key, plan_fusions
+from pipeline.planner import (FusionPlanRules, SeriesInfo, eligible_inputs, explain_series, fusion_id_for, job_key,
+                              plan_fusions)
 
 P1 = "DF-0001"
 
@@ -21,13 +22,19 @@ def pairs(plans: list) -> set[tuple[str, str, str]]:
     return {(p.rule, p.fixed.series_instance_uid, p.moving.series_instance_uid) for p in plans}
 
 
-def test_demo_patient_plans_cbct_pair_scan_and_duplicate_evidence() -> None:
+def test_demo_patient_plans_cbct_pair_scan_and_skips_duplicate_and_2d() -> None:
     a = s("1.1.01", date="20250101")
     b = s("1.1.02", date="20250601")
     resent = s("1.1.03", date="20250101", fp="fp-1.1.01")
     scan = s("1.1.04", modality="M3D", kind="surface", date="20250601", n=1)
     pano = s("1.1.05", modality="PX", kind="2d", n=1)
     plans = plan_fusions(P1, [a, b, resent, scan, pano], FusionPlanRules())
+    assert pairs(plans) == {("cbct_cbct", "1.1.01", "1.1.02"), ("cbct_scan", "1.1.02", "1.1.04")}
+    why = explain_series(P1, [a, b, resent, scan, pano])
+    assert why["1.1.01"] == why["1.1.02"] == why["1.1.04"] == "input"
+    assert why["1.1.03"].startswith("duplicate of series 1.1.01") and "2D" in why["1.1.05"]
+    # with evidence pairing on, the copy is planned once, with its original only
+    plans = plan_fusions(P1, [a, b, resent, scan, pano], FusionPlanRules(pair_duplicates_for_evidence=True))
     assert pairs(plans) == {
         ("cbct_cbct", "1.1.01", "1.1.02"),  # earlier CBCT fixed
         ("cbct_scan", "1.1.02", "1.1.04"),  # scan with the CBCT closest in date
@@ -40,9 +47,12 @@ def test_demo_patient_plans_cbct_pair_scan_and_duplicate_evidence() -> None:
     assert all("1.1.05" not in p.key for p in plans)
 
 
-def test_duplicates_not_paired_when_evidence_off() -> None:
+def test_duplicate_alone_makes_no_fusion() -> None:
     a, dup = s("1.1.01"), s("1.1.03", fp="fp-1.1.01")
-    assert plan_fusions(P1, [a, dup], FusionPlanRules(pair_duplicates_for_evidence=False)) == []
+    assert plan_fusions(P1, [a, dup], FusionPlanRules()) == []
+    # whichever arrives first is the original
+    late_original = dataclasses.replace(a, first_received_at="2027-01-01")
+    assert explain_series(P1, [late_original, dup])["1.1.01"].startswith("duplicate of series 1.1.03")
 
 
 def test_two_patients_never_fused_together() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import socket
 import os
 import shutil
 import struct
@@ -13,12 +15,18 @@ from typing import Iterable
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu import P_DATA_TF
 
 from conftest import peers_required, require_peer
 
 import pytest
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
+MR = "1.2.840.10008.5.1.4.1.1.4"
+VERIFICATION = "1.2.840.10008.1.1"
 UID_ROOT = "1.2.826.0.1.3680043.10.1090."  # test-only root
 
 
@@ -149,3 +157,59 @@ def copy_tree(paths: Iterable[Path], dst: Path) -> list[Path]:
         shutil.copy2(p, q)
         out.append(q)
     return out
+
+
+def scu_associate(port: int, contexts=(CT, MR), calling: str = "FUZZ", called: str = "DENTFUSE"):
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(VERIFICATION)
+    for c in contexts:
+        for ts in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99"):
+            ae.add_requested_context(c, ts)  # one context per syntax, so each is accepted
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assert assoc.is_established
+    # pynetdicom's SCU leaves Nagle on: ~40 ms per C-STORE on loopback without this
+    assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return assoc
+
+
+def dataset_body(ds) -> bytes:
+    b = io.BytesIO()
+    ds.save_as(b, enforce_file_format=True)
+    raw = b.getvalue()
+    pos = 132  # dataset bytes after the file meta group
+    while True:
+        hdr = raw[pos:pos + 8]
+        if struct.unpack("<H", hdr[:2])[0] != 2:
+            return raw[pos:]
+        vr = hdr[4:6]
+        if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT"):
+            pos += 12 + struct.unpack("<I", raw[pos + 8:pos + 12])[0]
+        else:
+            pos += 8 + struct.unpack("<H", hdr[6:8])[0]
+
+
+def stall_store(port: int, *, mid_pdu: bool, sop_uid: str, body: bytes, called: str = "DENTFUSE"):
+    """Send a C-STORE command and part of its dataset, then go silent."""
+    assoc = scu_associate(port, calling="STALLER", called=called)
+    cx = next(c for c in assoc.accepted_contexts if c.abstract_syntax == CT)
+    req = C_STORE()
+    req.MessageID = 1
+    req.AffectedSOPClassUID = CT
+    req.AffectedSOPInstanceUID = sop_uid
+    req.Priority = 2
+    req.DataSet = io.BytesIO(body)
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    pdus = []
+    for prim in msg.encode_msg(cx.context_id, 4096):
+        pdu = P_DATA_TF()
+        pdu.from_primitive(prim)
+        pdus.append(pdu.encode())
+    sock = assoc.dul.socket.socket
+    for raw in pdus[: len(pdus) // 2]:
+        sock.sendall(raw)
+    if mid_pdu:
+        nxt = pdus[len(pdus) // 2]
+        sock.sendall(nxt[: len(nxt) // 2])  # header promises more than ever arrives
+    return assoc

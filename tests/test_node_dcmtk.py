@@ -13,7 +13,6 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
-    ExplicitVRLittleEndian,
     JPEG2000,
     JPEG2000Lossless,
     generate_uid,
@@ -29,7 +28,6 @@ from node_support import (
     dcmtk,
     make_ct_series,
     sop_uid_of,
-    stored_files,
     temp_files,
 )
 

@@ -4,11 +4,8 @@ concurrent senders, duplicates over the network."""
 from __future__ import annotations
 
 import io
-import os
-import socket
 import struct
 import subprocess
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,28 +17,27 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, generate_uid
 from pynetdicom import AE, _config
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.pdu import P_DATA_TF
 
 from dicom_node.server import DicomNode
 from dicom_node.settings import NodeSettings, StabilitySettings
 from dicom_node.status import Status
 from node_support import (
     CT,
+    MR,
     UID_ROOT,
     ct_dataset,
+    dataset_body,
     dataset_offset,
     dataset_sha256,
     dcmtk,
     make_ct_series,
+    scu_associate,
     sop_uid_of,
+    stall_store,
     stored_files,
     temp_files,
 )
 
-MR = "1.2.840.10008.5.1.4.1.1.4"
-VERIFICATION = "1.2.840.10008.1.1"
 
 
 @pytest.fixture
@@ -51,20 +47,6 @@ def node(tmp_path):
     n.start()
     yield n
     n.close()
-
-
-def _scu(port: int, contexts=(CT, MR), calling: str = "FUZZ"):
-    ae = AE(ae_title=calling)
-    ae.add_requested_context(VERIFICATION)
-    for c in contexts:
-        for ts in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99"):
-            ae.add_requested_context(c, ts)  # one context per syntax, so each is accepted
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    assoc = ae.associate("127.0.0.1", port, ae_title="DENTFUSE")
-    assert assoc.is_established
-    # pynetdicom's SCU leaves Nagle on: ~40 ms per C-STORE on loopback without this
-    assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return assoc
 
 
 def _write_raw(path: Path, sop_class: str, sop_inst: str, body: bytes,
@@ -86,27 +68,6 @@ def _write_raw(path: Path, sop_class: str, sop_inst: str, body: bytes,
     return path
 
 
-def _body(ds) -> bytes:
-    b = io.BytesIO()
-    ds.save_as(b, enforce_file_format=True)
-    raw = b.getvalue()
-    tmp = Path(os.devnull)
-    del tmp
-    # dataset bytes after the file meta group
-    f = io.BytesIO(raw)
-    f.seek(132)
-    pos = 132
-    while True:
-        hdr = raw[pos:pos + 8]
-        if struct.unpack("<H", hdr[:2])[0] != 2:
-            return raw[pos:]
-        vr = hdr[4:6]
-        if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT"):
-            pos += 12 + struct.unpack("<I", raw[pos + 8:pos + 12])[0]
-        else:
-            pos += 8 + struct.unpack("<H", hdr[6:8])[0]
-
-
 def _corpus(tmp_path: Path) -> list[tuple[str, Path, set[int]]]:
     """(name, file, acceptable statuses) of malformed instances."""
     rng = np.random.default_rng(41)
@@ -121,22 +82,22 @@ def _corpus(tmp_path: Path) -> list[tuple[str, Path, set[int]]]:
     def add(name: str, ds=None, body: bytes | None = None, sop_class: str = CT,
             sop_inst: str | None = None, statuses: set[int] = frozenset(), ts: str = "1.2.840.10008.1.2.1"):
         if body is None:
-            body = _body(ds)
+            body = dataset_body(ds)
         inst = sop_inst if sop_inst is not None else str(ds.SOPInstanceUID) if ds is not None else generate_uid(UID_ROOT)
         items.append((name, _write_raw(out / f"{name}.dcm", sop_class, inst, body, ts), set(statuses)))
 
     ds = good(0)
-    add("truncated", ds, body=_body(ds)[:-300], statuses={Status.CANNOT_UNDERSTAND_TRUNCATED})
+    add("truncated", ds, body=dataset_body(ds)[:-300], statuses={Status.CANNOT_UNDERSTAND_TRUNCATED})
     ds = good(1)
-    add("truncated_in_header", ds, body=_body(ds)[:-(64 * 64 * 2) - 5],
+    add("truncated_in_header", ds, body=dataset_body(ds)[:-(64 * 64 * 2) - 5],
         statuses={Status.CANNOT_UNDERSTAND_TRUNCATED})
     ds = good(2)
-    body = bytearray(_body(ds))
+    body = bytearray(dataset_body(ds))
     pix = body.rfind(b"\xe0\x7f\x10\x00OW")
     body[pix + 8:pix + 12] = struct.pack("<I", 0xFFFFFFF0)  # huge declared pixel data length
     add("huge_pixel_length", ds, body=bytes(body), statuses={Status.CANNOT_UNDERSTAND_TRUNCATED})
     ds = good(3)
-    add("huge_trailing_element", ds, body=_body(ds) + b"\xfc\xff\xfc\xffOB\x00\x00" + struct.pack("<I", 0x7FFFFFF0) + b"xx",
+    add("huge_trailing_element", ds, body=dataset_body(ds) + b"\xfc\xff\xfc\xffOB\x00\x00" + struct.pack("<I", 0x7FFFFFF0) + b"xx",
         statuses={Status.CANNOT_UNDERSTAND_TRUNCATED, Status.CANNOT_UNDERSTAND})
     ds = good(4)
     ds.SOPClassUID = MR  # dataset says MR, context is CT
@@ -172,7 +133,7 @@ def test_malformed_corpus_gets_failure_statuses_and_the_node_keeps_serving(node,
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # send the bytes verbatim
     corpus = _corpus(tmp_path)
     good = make_ct_series(tmp_path / "good", len(corpus), seed=42)
-    assoc = _scu(node.port)
+    assoc = scu_associate(node.port)
     try:
         for (name, path, statuses), good_path in zip(corpus, good):
             rsp = assoc.send_c_store(path)
@@ -234,44 +195,18 @@ def test_raw_sample_files_are_stored_byte_exact(tmp_path, monkeypatch):
         node.close()
 
 
-def _stall(port: int, *, mid_pdu: bool, sop_uid: str, body: bytes) -> AE:
-    """Send a C-STORE command and part of its dataset, then go silent."""
-    assoc = _scu(port, calling="STALLER")
-    cx = next(c for c in assoc.accepted_contexts if c.abstract_syntax == CT)
-    req = C_STORE()
-    req.MessageID = 1
-    req.AffectedSOPClassUID = CT
-    req.AffectedSOPInstanceUID = sop_uid
-    req.Priority = 2
-    req.DataSet = io.BytesIO(body)
-    msg = C_STORE_RQ()
-    msg.primitive_to_message(req)
-    pdus = []
-    for prim in msg.encode_msg(cx.context_id, 4096):
-        pdu = P_DATA_TF()
-        pdu.from_primitive(prim)
-        pdus.append(pdu.encode())
-    sock = assoc.dul.socket.socket
-    for raw in pdus[: len(pdus) // 2]:
-        sock.sendall(raw)
-    if mid_pdu:
-        nxt = pdus[len(pdus) // 2]
-        sock.sendall(nxt[: len(nxt) // 2])  # header promises more than ever arrives
-    return assoc
-
-
 @pytest.mark.parametrize("mid_pdu", [False, True])
 def test_stalled_sender_is_timed_out_and_its_partial_instance_discarded(node, tmp_path, mid_pdu):
     rng = np.random.default_rng(51)
     ds = ct_dataset(rng, "DF-STALL", generate_uid(UID_ROOT), generate_uid(UID_ROOT), 0, rows=128, cols=128)
-    assoc = _stall(node.port, mid_pdu=mid_pdu, sop_uid=str(ds.SOPInstanceUID), body=_body(ds))
+    assoc = stall_store(node.port, mid_pdu=mid_pdu, sop_uid=str(ds.SOPInstanceUID), body=dataset_body(ds))
     try:
         deadline = time.monotonic() + 5  # the partial dataset is streaming to disk
         while not temp_files(node.data_dir) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert temp_files(node.data_dir), "expected the partial instance in the incoming directory"
         # while it stalls, others are served
-        other = _scu(node.port, calling="OTHER")
+        other = scu_associate(node.port, calling="OTHER")
         (p,) = make_ct_series(tmp_path / "other", 1, seed=52)
         assert other.send_c_store(dcmread(p)).Status == 0
         other.release()
@@ -298,7 +233,7 @@ def test_concurrent_senders_lose_nothing_and_mix_nothing(node, tmp_path):
                                  patient_id=f"DF-C{t}") for t in range(2)]
 
     def send(paths: list[Path]) -> list[int]:
-        assoc = _scu(node.port, calling="LOAD")
+        assoc = scu_associate(node.port, calling="LOAD")
         try:
             return [assoc.send_c_store(dcmread(p)).Status for p in paths]
         finally:
@@ -338,7 +273,7 @@ def test_duplicates_over_the_network(tmp_path, policy):
         ds1 = dcmread(p)
         ds2 = dcmread(p)
         ds2.PixelData = bytes(reversed(ds2.PixelData))
-        assoc = _scu(n.port)
+        assoc = scu_associate(n.port)
         assert [assoc.send_c_store(d).Status for d in (ds1, ds1, ds2)] == [0, 0, 0]
         assoc.release()
         assert n.index.count() == 1

@@ -74,13 +74,15 @@ def _smooth_hist(values: np.ndarray, lo: float, hi: float, bins: int) -> tuple[n
     return hs, centres
 
 
-def estimate_grey_levels(voxels: np.ndarray, *, max_samples: int = 2_000_000, seed: int = 0) -> GreyLevels:
+def estimate_grey_levels(
+    voxels: np.ndarray, *, max_samples: int = 2_000_000, seed: int = 0, min_peak_share: float = 0.01
+) -> GreyLevels:
     """Estimate air, enamel and metal grey levels from a volume's own histogram.
 
     * air: the median of the darkest 1% of voxels;
-    * enamel: the brightest histogram peak that holds a real share (>= 4%) of the
-      bright voxels (those above the Otsu split of the volume), ignoring tiny bright
-      populations (metal, streaks);
+    * enamel: the brightest histogram peak that holds a real share (``min_peak_share``,
+      1%) of the bright voxels (those above the second Otsu split), ignoring small,
+      spread-out bright populations (a metal crown, streaks);
     * metal: above ``enamel + 0.6 * (enamel - air)``.
 
     Raises
@@ -112,7 +114,7 @@ def estimate_grey_levels(voxels: np.ndarray, *, max_samples: int = 2_000_000, se
     enamel = None
     for i in sorted(peaks, reverse=True):
         lo_i, hi_i = max(0, i - 6), min(len(hs), i + 7)
-        if hs[lo_i:hi_i].sum() >= 0.04 * total and i > 3:
+        if hs[lo_i:hi_i].sum() >= min_peak_share * total and i > 3:
             enamel = float(centres[i])
             break
     if enamel is None:

@@ -92,7 +92,7 @@ def convexity_sign(points: np.ndarray, normals: np.ndarray, radius_mm: float = 2
     """
     tree = cKDTree(points)
     rng = np.random.default_rng(0)
-    idx = rng.choice(len(points), size=min(len(points), 1500), replace=False)
+    idx = rng.choice(len(points), size=min(len(points), 600), replace=False)
     nb = tree.query_ball_point(points[idx], radius_mm, return_sorted=False)
     votes = []
     for i, lst in zip(idx, nb):
@@ -227,46 +227,59 @@ def apply(m: np.ndarray, pts: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True, eq=False)
-class SurfaceTarget:
-    """A CBCT teeth surface prepared for registration (trees and features built once)."""
+class SurfaceLevel:
+    """Points with outward normals and their KD-tree."""
 
-    surface: CbctSurface
     points: np.ndarray
     normals: np.ndarray
     tree: cKDTree
-    usable_fine: np.ndarray  # bool per point: not near metal
-    tree_fine: cKDTree
-    fine_index: np.ndarray  # indices of usable_fine points
+
+    @classmethod
+    def from_points(cls, points: np.ndarray, normals: np.ndarray) -> "SurfaceLevel":
+        return cls(points, normals, cKDTree(points))
+
+
+@dataclass(frozen=True, eq=False)
+class SurfaceTarget:
+    """A CBCT teeth surface prepared for registration (trees and features built once).
+
+    ``full``: every surface vertex; ``fine``: vertices away from metal (final stages);
+    ``mid``: ~0.6 mm resampling for fast hypothesis refinement; ``coarse_*``: ~1.5 mm
+    resampling with FPFH features for global alignment.
+    """
+
+    surface: CbctSurface
+    full: SurfaceLevel
+    fine: SurfaceLevel
+    mid: SurfaceLevel
     coarse_points: np.ndarray
     coarse_normals: np.ndarray
     coarse_features: np.ndarray
-    feature_tree: cKDTree
     coarse_voxel_mm: float
     feature_radius_mm: float
 
 
-def prepare_target(surface: CbctSurface, *, coarse_voxel_mm: float = 1.5, feature_radius_mm: float = 3.5) -> SurfaceTarget:
+def prepare_target(surface: CbctSurface, *, coarse_voxel_mm: float = 1.5, feature_radius_mm: float = 3.5,
+                   mid_voxel_mm: float = 0.6) -> SurfaceTarget:
     """Build KD-trees and FPFH features of a CBCT teeth surface (reusable across scans)."""
     pts = np.asarray(surface.vertices, dtype=np.float64)
     nrm = np.asarray(surface.normals, dtype=np.float64)
     if len(pts) < 50:
         raise RegistrationError(f"CBCT teeth surface has only {len(pts)} vertices; nothing to register to")
     usable = ~np.asarray(surface.near_metal, dtype=bool)
-    fine_index = np.flatnonzero(usable)
+    full = SurfaceLevel.from_points(pts, nrm)
+    fine = SurfaceLevel.from_points(pts[usable], nrm[usable]) if usable.sum() >= 50 else full
+    mp, mn = voxel_downsample(pts, nrm, mid_voxel_mm)
     cp, cn = voxel_downsample(pts, nrm, coarse_voxel_mm)
     feat = fpfh(cp, cn, feature_radius_mm)
     return SurfaceTarget(
         surface=surface,
-        points=pts,
-        normals=nrm,
-        tree=cKDTree(pts),
-        usable_fine=usable,
-        tree_fine=cKDTree(pts[fine_index]) if len(fine_index) >= 50 else cKDTree(pts),
-        fine_index=fine_index if len(fine_index) >= 50 else np.arange(len(pts)),
+        full=full,
+        fine=fine,
+        mid=SurfaceLevel.from_points(mp, mn),
         coarse_points=cp,
         coarse_normals=cn,
         coarse_features=feat,
-        feature_tree=cKDTree(feat),
         coarse_voxel_mm=coarse_voxel_mm,
         feature_radius_mm=feature_radius_mm,
     )
@@ -285,27 +298,26 @@ class InlierStats:
 
 
 def inlier_stats(
-    target: SurfaceTarget,
+    level: SurfaceLevel,
     pts: np.ndarray,
     nrm: np.ndarray,
     m: np.ndarray,
     inlier_distance_mm: float,
     *,
+    spacing_mm: float = 0.5,
     min_normal_dot: float = 0.7,
-    fine: bool = False,
 ) -> InlierStats:
     """Scan points (mapped by ``m``) within ``inlier_distance_mm`` of the CBCT surface with
-    agreeing normals; distance measured to the nearest vertex's tangent plane (the nearest
-    vertex itself within ``2 * inlier_distance_mm + surface spacing``)."""
+    agreeing normals; distance measured to the nearest surface point's tangent plane (that
+    point itself within ``2 * inlier_distance_mm + spacing_mm``)."""
     p = apply(m, pts)
     n = nrm @ m[:3, :3].T
-    tree, index = (target.tree_fine, target.fine_index) if fine else (target.tree, None)
-    bound = 2.0 * inlier_distance_mm + max(target.surface.spacing_mm, 0.3)
-    d, k = tree.query(p, distance_upper_bound=bound)
+    bound = 2.0 * inlier_distance_mm + spacing_mm
+    d, k = level.tree.query(p, distance_upper_bound=bound)
     hit = np.isfinite(d)
-    kk = k[hit] if index is None else index[k[hit]]
-    q = target.points[kk]
-    qn = target.normals[kk]
+    kk = k[hit]
+    q = level.points[kk]
+    qn = level.normals[kk]
     plane = np.abs(np.einsum("ij,ij->i", p[hit] - q, qn))
     agree = np.einsum("ij,ij->i", n[hit], qn) >= min_normal_dot
     ok = agree & (plane <= inlier_distance_mm)
@@ -315,43 +327,41 @@ def inlier_stats(
 
 
 def icp_point_to_plane(
-    target: SurfaceTarget,
+    levels: tuple[SurfaceLevel, ...],
     pts: np.ndarray,
     nrm: np.ndarray,
     init: np.ndarray,
     *,
     max_distances_mm: tuple[float, ...] = (2.0, 0.8, 0.4),
-    fine_from_stage: int = 1,
     max_iterations: int = 30,
     tolerance_mm: float = 1e-4,
     min_normal_dot: float = 0.5,
 ) -> tuple[np.ndarray, int]:
-    """Trimmed point-to-plane ICP. Correspondences farther than the stage's cut-off or
-    with disagreeing normals are dropped, so gingiva/holes/bone do not pull. From stage
-    ``fine_from_stage`` on, CBCT surface near metal is not used. Returns (4x4, iterations)."""
+    """Trimmed point-to-plane ICP, one stage per cut-off (``levels[i]`` is the target of
+    stage ``i``). Correspondences farther than the stage's cut-off or with disagreeing
+    normals are dropped, and the rest are Tukey-weighted, so gingiva, holes, roots and
+    bone do not pull. Returns (4x4 scan -> target, iterations)."""
     m = init.copy()
     total = 0
-    for stage, cut in enumerate(max_distances_mm):
-        fine = stage >= fine_from_stage
-        tree, index = (target.tree_fine, target.fine_index) if fine else (target.tree, None)
+    extent = float(np.max(np.ptp(pts, axis=0))) if len(pts) else 1.0
+    for level, cut in zip(levels, max_distances_mm):
         for _ in range(max_iterations):
             total += 1
             p = apply(m, pts)
             n = nrm @ m[:3, :3].T
-            d, k = tree.query(p, distance_upper_bound=cut)
+            d, k = level.tree.query(p, distance_upper_bound=cut)
             hit = np.isfinite(d)
             if hit.sum() < 12:
                 break
-            kk = k[hit] if index is None else index[k[hit]]
-            q = target.points[kk]
-            qn = target.normals[kk]
+            kk = k[hit]
+            q = level.points[kk]
+            qn = level.normals[kk]
             ph = p[hit]
             agree = np.einsum("ij,ij->i", n[hit], qn) >= min_normal_dot
             if agree.sum() < 12:
                 break
             ph, q, qn = ph[agree], q[agree], qn[agree]
             r = np.einsum("ij,ij->i", ph - q, qn)
-            # robust weights (Tukey-like on the plane residual, scale = cut/2)
             s = cut * 0.5
             w = np.clip(1.0 - (r / (2 * s)) ** 2, 0.0, 1.0) ** 2
             a = np.hstack([np.cross(ph, qn), qn])
@@ -366,8 +376,9 @@ def icp_point_to_plane(
             step[:3, :3] = _small_rotation(*x[:3])
             step[:3, 3] = x[3:]
             m = orthonormalize(step @ m)
-            # displacement of the points' extent by this step
-            if np.linalg.norm(x[3:]) + np.linalg.norm(x[:3]) * 30.0 < tolerance_mm:
+            # largest displacement of a scan point by this step (rotation about the origin
+            # is compensated by the translation; bound it by the extent)
+            if np.linalg.norm(x[3:]) + np.linalg.norm(x[:3]) * extent < tolerance_mm:
                 break
     return m, total
 
@@ -377,8 +388,17 @@ def icp_point_to_plane(
 
 
 def _correspondences(src_feat: np.ndarray, target: SurfaceTarget, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    _, tk = target.feature_tree.query(src_feat, k=k)
-    tk = np.asarray(tk).reshape(len(src_feat), -1)
+    # brute force in feature space (a KD-tree degenerates in 33 dimensions)
+    a = src_feat.astype(np.float32)
+    b = target.coarse_features.astype(np.float32)
+    bb = np.einsum("ij,ij->i", b, b)
+    tk = np.empty((len(a), k), dtype=np.int64)
+    for c0 in range(0, len(a), 1024):
+        d2 = bb[None, :] - 2.0 * (a[c0 : c0 + 1024] @ b.T)
+        if k == 1:
+            tk[c0 : c0 + 1024, 0] = np.argmin(d2, axis=1)
+        else:
+            tk[c0 : c0 + 1024] = np.argpartition(d2, k, axis=1)[:, :k]
     si = np.repeat(np.arange(len(src_feat)), tk.shape[1])
     return si, tk.ravel()
 
@@ -390,7 +410,7 @@ def consensus_hypotheses(
     target: SurfaceTarget,
     rng: np.random.Generator,
     *,
-    max_correspondences: int = 2000,
+    max_correspondences: int = 1500,
     length_tolerance_mm: float = 0.5,
     normal_tolerance: float = 0.25,
     n_seeds: int = 60,
@@ -421,14 +441,19 @@ def consensus_hypotheses(
     t = target.coarse_points[ti].astype(np.float32)
     ns = src_nrm[si].astype(np.float32)
     nt = target.coarse_normals[ti].astype(np.float32)
+    from scipy import sparse
+
     ds = cdist(s, s).astype(np.float32)
     dt = cdist(t, t).astype(np.float32)
     comp = np.abs(ds - dt) < length_tolerance_mm
-    comp &= np.abs(ns @ ns.T - nt @ nt.T) < normal_tolerance
+    del dt
     comp &= ds > 1.0
-    c = comp.astype(np.float32)
-    sc2 = c * (c @ c)
-    score = sc2.sum(axis=1)
+    del ds
+    comp &= np.abs(ns @ ns.T - nt @ nt.T) < normal_tolerance
+    c = sparse.csr_matrix(comp, dtype=np.float32)
+    del comp
+    sc2 = c.multiply(c @ c).tocsr()  # second-order compatibility (sparse: compatibility is rare)
+    score = np.asarray(sc2.sum(axis=1)).ravel()
     order = np.argsort(-score)
     hyps: list[np.ndarray] = []
     seeds_used = 0
@@ -436,9 +461,9 @@ def consensus_hypotheses(
         if score[i] <= 0 or seeds_used >= n_seeds:
             break
         seeds_used += 1
-        row = sc2[i]
-        partners = np.argsort(-row)[:consensus_size]
-        partners = partners[row[partners] > 0]
+        row = sc2.getrow(i)
+        cols, vals = row.indices, row.data
+        partners = cols[np.argsort(-vals)[:consensus_size]]
         if partners.size < 2:
             continue
         members = np.concatenate([[i], partners])
@@ -532,10 +557,14 @@ def register_surface(
     # scan samples: coarse (features/RANSAC), medium (scoring, coarse ICP), fine (final ICP)
     coarse_p, coarse_n = area_weighted_samples(v, f, cv)
     fine_p, fine_n = area_weighted_samples(v, f, gate.fine_sample_mm)
+    timings["n_coarse"] = float(len(coarse_p))
+    timings["n_fine"] = float(len(fine_p))
     if len(coarse_p) < 30:
         raise RegistrationError(f"scan has only {len(coarse_p)} samples at {cv} mm; too small to register")
     med_p, med_n = voxel_downsample(fine_p, fine_n, max(gate.fine_sample_mm, 0.6))
+    timings["n_medium"] = float(len(med_p))
     sign = convexity_sign(coarse_p, coarse_n)
+    probe = coarse_p[np.random.default_rng(seed).choice(len(coarse_p), size=min(256, len(coarse_p)), replace=False)]
     timings["sample"] = time.perf_counter() - t0
     if progress:
         progress("features", 0.1)
@@ -547,26 +576,29 @@ def register_surface(
         timings["features"] = timings.get("features", 0.0) + time.perf_counter() - t1
         t1 = time.perf_counter()
         raw = consensus_hypotheses(coarse_p, cn, feat, target, rng)
-        timings["global"] = timings.get("ransac", 0.0) + time.perf_counter() - t1
+        timings["global"] = timings.get("global", 0.0) + time.perf_counter() - t1
         t1 = time.perf_counter()
         # distinct candidates by their ransac vote, scored quickly by inlier fraction
         cands: list[tuple[np.ndarray, int]] = []
         for m, votes in raw:
-            if all(transform_distance_mm(m, c, coarse_p) > 2.0 for c, _ in cands):
+            if all(transform_distance_mm(m, c, probe) > 2.0 for c, _ in cands):
                 cands.append((m, votes))
             if len(cands) >= gate.max_hypotheses * 3:
                 break
         quick = []
         for m, votes in cands:
-            st = inlier_stats(target, med_p, med_n * sgn, m, 1.0)
+            st = inlier_stats(target.mid, coarse_p, cn, m, 1.0, spacing_mm=0.6)
             quick.append((st.fraction, m, votes))
         quick.sort(key=lambda x: -x[0])
         hyps: list[Hypothesis] = []
         iters = 0
-        for _, m, votes in quick[: gate.max_hypotheses]:
-            mr, it = icp_point_to_plane(target, coarse_p, coarse_n * sgn, m, max_distances_mm=(2.0, 0.8), fine_from_stage=1, max_iterations=15)
+        for qf, m, votes in quick[: gate.max_hypotheses]:
+            if quick and qf < 0.25 * quick[0][0]:
+                break
+            mr, it = icp_point_to_plane((target.mid, target.mid), coarse_p, cn, m, max_distances_mm=(2.0, 0.8),
+                                        max_iterations=15, tolerance_mm=1e-3)
             iters += it
-            st = inlier_stats(target, med_p, med_n * sgn, mr, gate.inlier_distance_mm)
+            st = inlier_stats(target.mid, med_p, med_n * sgn, mr, gate.inlier_distance_mm, spacing_mm=0.6)
             hyps.append(Hypothesis(mr, st.fraction, st.rms_mm, votes))
         timings["hypotheses"] = timings.get("hypotheses", 0.0) + time.perf_counter() - t1
         hyps.sort(key=lambda h: -h.inlier_fraction)
@@ -584,19 +616,19 @@ def register_surface(
     best = hyps[0]
     second = 0.0
     for h in hyps[1:]:
-        if transform_distance_mm(h.matrix, best.matrix, med_p) > gate.distinct_hypothesis_mm:
+        if transform_distance_mm(h.matrix, best.matrix, probe) > gate.distinct_hypothesis_mm:
             second = h.inlier_fraction
             break
     if progress:
         progress("refine", 0.7)
     t1 = time.perf_counter()
-    m, it = icp_point_to_plane(target, fine_p, fine_n * sign, best.matrix, max_distances_mm=(0.8, 0.4), fine_from_stage=0)
+    m, it = icp_point_to_plane((target.fine, target.fine), fine_p, fine_n * sign, best.matrix, max_distances_mm=(0.8, 0.4))
     iters += it
-    st = inlier_stats(target, fine_p, fine_n * sign, m, gate.inlier_distance_mm, fine=False)
+    st = inlier_stats(target.full, fine_p, fine_n * sign, m, gate.inlier_distance_mm,
+                      spacing_mm=max(target.surface.spacing_mm, 0.3))
     timings["refine"] = time.perf_counter() - t1
-    # the margin compares like with like (medium samples, same refinement depth)
-    st_med = inlier_stats(target, med_p, med_n * sign, m, gate.inlier_distance_mm)
-    margin = st_med.fraction - second
+    # the margin compares like with like (same samples, same refinement depth)
+    margin = best.inlier_fraction - second
     timings["total"] = time.perf_counter() - t0
     log.info(
         "surface registration: inlier fraction %.3f (rms %.3f mm), second %.3f, %d hypotheses, %.2f s",

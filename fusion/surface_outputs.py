@@ -1,0 +1,337 @@
+"""Outputs of a scan-to-CBCT fusion: the scan as STL and as DICOM Encapsulated STL in the
+CBCT's frame, and the scan burned into the CBCT grid as a label volume.
+
+:func:`write_encapsulated_stl` is general: the pipeline also uses it to wrap an imported
+STL/PLY/OBJ file into DICOM. Patient and study come either from a source dataset (the
+CBCT's header) or from explicit identifiers (``patient_ids``) when there is none.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import logging
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+
+from fusion.errors import InputError
+from fusion.records import FusionOutput
+from fusion.reg_object import InstanceRef, as_instance_ref
+from fusion.surface import ENCAPSULATED_STL_SOP_CLASS, SurfaceScan
+
+log = logging.getLogger(__name__)
+
+MANUFACTURER = "dentfuse"
+MODEL_NAME = "dentfuse surface fusion"
+
+PATIENT_KEYWORDS = (
+    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
+    "OtherPatientIDsSequence", "PatientAge",
+)
+STUDY_KEYWORDS = (
+    "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
+    "AccessionNumber", "StudyDescription",
+)
+_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+          "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _arrays(mesh_or_scan) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(mesh_or_scan, SurfaceScan):
+        return np.asarray(mesh_or_scan.vertices), np.asarray(mesh_or_scan.faces)
+    if isinstance(mesh_or_scan, tuple) and len(mesh_or_scan) == 2:
+        return np.asarray(mesh_or_scan[0], float), np.asarray(mesh_or_scan[1], np.int64)
+    if hasattr(mesh_or_scan, "vertices") and hasattr(mesh_or_scan, "faces"):
+        return np.asarray(mesh_or_scan.vertices, float), np.asarray(mesh_or_scan.faces, np.int64)
+    raise TypeError(f"expected a SurfaceScan, trimesh.Trimesh or (vertices, faces), got {type(mesh_or_scan).__name__}")
+
+
+def stl_bytes(vertices: np.ndarray, faces: np.ndarray, header: str = "dentfuse") -> bytes:
+    """Binary STL of a triangle mesh (float32 coordinates, face normals from the winding)."""
+    v = np.asarray(vertices, dtype=np.float64)
+    f = np.asarray(faces, dtype=np.int64)
+    tri = v[f]
+    n = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    ln = np.linalg.norm(n, axis=1, keepdims=True)
+    n = np.where(ln > 0, n / np.maximum(ln, 1e-300), 0.0)
+    rec = np.zeros(len(f), dtype=[("n", "<f4", 3), ("v", "<f4", (3, 3)), ("attr", "<u2")])
+    rec["n"] = n
+    rec["v"] = tri
+    head = header.encode("ascii", "replace")[:80].ljust(80, b" ")
+    if head.lower().startswith(b"solid"):
+        head = b"x" + head[1:]
+    return head + np.uint32(len(f)).tobytes() + rec.tobytes()
+
+
+def write_scan_stl(mesh_or_scan, out_path: Path, *, header: str = "dentfuse scan") -> FusionOutput:
+    """Write a binary STL. Returns a FusionOutput of kind ``scan_stl``."""
+    v, f = _arrays(mesh_or_scan)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_bytes(stl_bytes(v, f, header))
+    return FusionOutput(kind="scan_stl", path=str(out_path), sha256=sha256_file(out_path), media_type="model/stl")
+
+
+def _common_instance_reference(ds: Dataset, refs: list[InstanceRef]) -> None:
+    """Source Instance Sequence plus the Common Instance Reference module it requires."""
+    src = []
+    by_study: dict[str, dict[str, list[InstanceRef]]] = {}
+    for r in refs:
+        item = Dataset()
+        item.ReferencedSOPClassUID = r.sop_class_uid
+        item.ReferencedSOPInstanceUID = r.sop_instance_uid
+        src.append(item)
+        series = by_study.setdefault(r.study_instance_uid, {}).setdefault(r.series_instance_uid, [])
+        if r not in series:
+            series.append(r)
+    ds.SourceInstanceSequence = DicomSequence(src)
+
+    def series_items(series: Mapping[str, list[InstanceRef]]) -> DicomSequence:
+        items = []
+        for series_uid, insts in series.items():
+            it = Dataset()
+            it.SeriesInstanceUID = series_uid
+            inst_items = []
+            for r in insts:
+                i = Dataset()
+                i.ReferencedSOPClassUID = r.sop_class_uid
+                i.ReferencedSOPInstanceUID = r.sop_instance_uid
+                inst_items.append(i)
+            it.ReferencedInstanceSequence = DicomSequence(inst_items)
+            items.append(it)
+        return DicomSequence(items)
+
+    own = str(ds.StudyInstanceUID)
+    if own in by_study:
+        ds.ReferencedSeriesSequence = series_items(by_study[own])
+    others = []
+    for st, series in by_study.items():
+        if st == own:
+            continue
+        it = Dataset()
+        it.StudyInstanceUID = st
+        it.ReferencedSeriesSequence = series_items(series)
+        others.append(it)
+    if others:
+        ds.StudiesContainingOtherReferencedInstancesSequence = DicomSequence(others)
+
+
+def write_encapsulated_stl(
+    mesh_or_scan,
+    out_path: Path,
+    *,
+    frame_of_reference_uid: str,
+    patient_source: Dataset | None = None,
+    patient_ids: Mapping[str, str] | None = None,
+    series_description: str = "dentfuse intraoral scan",
+    document_title: str = "Intraoral scan",
+    source_refs: Iterable = (),
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    series_number: int = 9902,
+    instance_number: int = 1,
+    software_versions: Mapping[str, str] | None = None,
+    manufacturer: str = MANUFACTURER,
+    model_name: str = MODEL_NAME,
+    device_serial_number: str = "dentfuse-0",
+    content_datetime: _dt.datetime | None = None,
+    burned_in_annotation: bool = False,
+) -> FusionOutput:
+    """Write a DICOM Encapsulated STL instance (SOP Class 1.2.840.10008.5.1.4.1.1.104.3).
+
+    Parameters
+    ----------
+    mesh_or_scan:
+        A :class:`~fusion.surface.SurfaceScan`, a ``trimesh.Trimesh`` or ``(vertices, faces)``,
+        coordinates in mm in ``frame_of_reference_uid``.
+    frame_of_reference_uid:
+        The frame the coordinates are in (the CBCT's after fusion; a new one for an imported
+        scanner file).
+    patient_source:
+        A dataset whose Patient and General Study attributes are copied (e.g. the CBCT header).
+    patient_ids:
+        Explicit attributes by DICOM keyword (``PatientID``, ``PatientName``,
+        ``IssuerOfPatientID``, ``PatientBirthDate``, ``PatientSex``, ``StudyInstanceUID``,
+        ``StudyDate`` ...), used when there is no source dataset or to override it. A new
+        Study Instance UID is generated when none is given.
+    source_refs:
+        Instances the mesh derives from: :class:`fusion.reg_object.InstanceRef` or
+        ``(sop_class_uid, sop_instance_uid, series_instance_uid, study_instance_uid)``
+        tuples; listed in Source Instance Sequence and the Common Instance Reference module.
+
+    Returns
+    -------
+    FusionOutput
+        kind ``encapsulated_stl`` with path, sha256, SOP Instance and Series UIDs.
+
+    Raises
+    ------
+    InputError
+        No frame of reference, no patient identity at all, or an empty mesh.
+    """
+    v, f = _arrays(mesh_or_scan)
+    if len(f) == 0:
+        raise InputError(f"{out_path}: cannot encapsulate a mesh without faces")
+    if not frame_of_reference_uid:
+        raise InputError(f"{out_path}: an Encapsulated STL needs a Frame of Reference UID")
+    if patient_source is None and not patient_ids:
+        raise InputError(f"{out_path}: give patient_source (a DICOM header) or patient_ids (at least PatientID)")
+    now = content_datetime or _dt.datetime.now(_dt.timezone.utc)
+    payload = stl_bytes(v, f, "dentfuse " + series_description)
+
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    for kw in _TYPE2:
+        setattr(ds, kw, "")
+    if patient_source is not None:
+        for kw in PATIENT_KEYWORDS + STUDY_KEYWORDS:
+            if kw in patient_source:
+                ds[kw] = patient_source[kw]
+    for kw, val in (patient_ids or {}).items():
+        setattr(ds, kw, val)
+    if not str(ds.get("PatientID", "")):
+        raise InputError(f"{out_path}: no Patient ID in patient_source or patient_ids")
+    if not ds.get("StudyInstanceUID"):
+        ds.StudyInstanceUID = generate_uid()
+    sop_uid = sop_instance_uid or generate_uid()
+    ds.SOPClassUID = ENCAPSULATED_STL_SOP_CLASS
+    ds.SOPInstanceUID = sop_uid
+    ds.InstanceCreationDate = now.strftime("%Y%m%d")
+    ds.InstanceCreationTime = now.strftime("%H%M%S")
+    ds.ContentDate = now.strftime("%Y%m%d")
+    ds.ContentTime = now.strftime("%H%M%S")
+    ds.AcquisitionDateTime = now.strftime("%Y%m%d%H%M%S")
+    ds.Modality = "M3D"
+    ds.SeriesInstanceUID = series_instance_uid or generate_uid()
+    ds.SeriesNumber = int(series_number)
+    ds.SeriesDescription = series_description[:64]
+    ds.InstanceNumber = int(instance_number)
+    ds.Manufacturer = manufacturer
+    ds.ManufacturerModelName = model_name
+    ds.DeviceSerialNumber = device_serial_number
+    sv = software_versions or {}
+    ds.SoftwareVersions = [f"{k}={val}"[:64] for k, val in list(sv.items())[:6]] or ["dentfuse"]
+    ds.FrameOfReferenceUID = frame_of_reference_uid
+    ds.PositionReferenceIndicator = ""
+    units = Dataset()
+    units.CodeValue = "mm"
+    units.CodingSchemeDesignator = "UCUM"
+    units.CodeMeaning = "millimeter"
+    ds.MeasurementUnitsCodeSequence = DicomSequence([units])
+    ds.BurnedInAnnotation = "YES" if burned_in_annotation else "NO"
+    ds.DocumentTitle = document_title[:1024]
+    ds.ConceptNameCodeSequence = DicomSequence([])
+    ds.MIMETypeOfEncapsulatedDocument = "model/stl"
+    try:
+        refs = [as_instance_ref(r) for r in source_refs]
+    except ValueError as exc:
+        raise InputError(f"{out_path}: {exc}") from exc
+    if refs:
+        _common_instance_reference(ds, refs)
+    ds.EncapsulatedDocumentLength = len(payload)
+    ds.EncapsulatedDocument = payload + (b"\x00" if len(payload) % 2 else b"")
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ENCAPSULATED_STL_SOP_CLASS
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = "DENTFUSE"
+    ds.file_meta = meta
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(str(out_path), enforce_file_format=True)
+    log.info("wrote Encapsulated STL %s (SOP %s, frame %s)", out_path.name, sop_uid, frame_of_reference_uid)
+    return FusionOutput(
+        kind="encapsulated_stl",
+        path=str(out_path),
+        sha256=sha256_file(out_path),
+        sop_instance_uids=(sop_uid,),
+        series_instance_uid=str(ds.SeriesInstanceUID),
+        media_type="application/dicom",
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# label volume
+
+
+def surface_samples(vertices: np.ndarray, faces: np.ndarray, max_step_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Points covering every triangle with spacing <= ``max_step_mm``; (points, face index)."""
+    v = np.asarray(vertices, float)
+    f = np.asarray(faces, np.int64)
+    tri = v[f]
+    edge = np.max(np.linalg.norm(tri - np.roll(tri, 1, axis=1), axis=2), axis=1)
+    k_all = np.maximum(np.ceil(edge / max_step_mm).astype(int), 1)
+    pts: list[np.ndarray] = []
+    fids: list[np.ndarray] = []
+    for k in np.unique(k_all):
+        sel = np.flatnonzero(k_all == k)
+        a, b = np.meshgrid(np.arange(k + 1), np.arange(k + 1), indexing="ij")
+        keep = a + b <= k
+        wa, wb = a[keep] / k, b[keep] / k
+        wc = 1.0 - wa - wb
+        t = tri[sel]
+        p = wa[None, :, None] * t[:, None, 0] + wb[None, :, None] * t[:, None, 1] + wc[None, :, None] * t[:, None, 2]
+        pts.append(p.reshape(-1, 3))
+        fids.append(np.repeat(sel, len(wa)))
+    return np.concatenate(pts), np.concatenate(fids)
+
+
+def burn_scan_labels(
+    shape_zyx: tuple[int, int, int],
+    affine: np.ndarray,
+    vertices: np.ndarray,
+    faces: np.ndarray,
+    face_labels: np.ndarray,
+) -> np.ndarray:
+    """Label volume (uint8, z/y/x) on a CBCT grid: voxels the scan surface passes through
+    get their face's label (higher labels win where two meet). Vertices are in the grid's
+    frame (LPS mm); ``affine`` maps continuous index (i, j, k, 1) to LPS."""
+    aff = np.asarray(affine, float)
+    spacing = np.linalg.norm(aff[:3, :3], axis=0)
+    pts, fid = surface_samples(vertices, faces, 0.5 * float(spacing.min()))
+    ijk = np.linalg.solve(aff[:3, :3], (pts - aff[:3, 3]).T).T
+    idx = np.rint(ijk).astype(np.int64)
+    nz, ny, nx = shape_zyx
+    ok = (idx[:, 0] >= 0) & (idx[:, 0] < nx) & (idx[:, 1] >= 0) & (idx[:, 1] < ny) & (idx[:, 2] >= 0) & (idx[:, 2] < nz)
+    lab = np.zeros(shape_zyx, dtype=np.uint8)
+    lv = np.asarray(face_labels, np.uint8)[fid[ok]]
+    order = np.argsort(lv, kind="stable")  # higher labels written last
+    i = idx[ok][order]
+    lab[i[:, 2], i[:, 1], i[:, 0]] = lv[order]
+    return lab
+
+
+def write_label_volume(labels: np.ndarray, affine: np.ndarray, out_path: Path) -> FusionOutput:
+    """Write a label volume on a grid (z/y/x array, index->LPS affine) as NIfTI (.nii.gz) or
+    NRRD (.nrrd), by suffix, through SimpleITK (which converts LPS to the file's convention)."""
+    import SimpleITK as sitk
+
+    aff = np.asarray(affine, float)
+    spacing = np.linalg.norm(aff[:3, :3], axis=0)
+    img = sitk.GetImageFromArray(np.ascontiguousarray(labels))
+    img.SetSpacing([float(s) for s in spacing])
+    img.SetOrigin([float(o) for o in aff[:3, 3]])
+    img.SetDirection([float(d) for d in (aff[:3, :3] / spacing[None, :]).ravel()])
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(out_path), useCompression=True)
+    kind = "label_volume"
+    media = "application/x-nifti" if out_path.name.endswith((".nii", ".nii.gz")) else "application/x-nrrd"
+    return FusionOutput(kind=kind, path=str(out_path), sha256=sha256_file(out_path), media_type=media)

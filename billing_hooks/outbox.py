@@ -135,7 +135,7 @@ class Outbox:
                 self._fail(row, now, str(exc), permanent=True)
                 counts["dead"] += 1
             except Exception as exc:  # noqa: BLE001 - every failure is recorded and retried
-                dead = self._fail(row, now, _describe(exc), permanent=False)
+                dead = self._fail(row, now, _describe(exc, self.settings.timeout_s), permanent=False)
                 counts["dead" if dead else "retry"] += 1
             else:
                 with self.ledger.transaction() as conn:
@@ -201,12 +201,13 @@ class Outbox:
             raise PermanentDeliveryError(f"unknown destination {row.destination!r}")
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, timeout_s: float) -> str:
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    if isinstance(reason, TimeoutError):
+        return f"timed out after {timeout_s:g} s waiting for the endpoint"
     if isinstance(exc, urllib.error.URLError):
         return f"cannot reach endpoint: {exc.reason}"
-    if isinstance(exc, TimeoutError):
-        return f"timed out: {exc}" if str(exc) else "timed out waiting for the endpoint"
-    return f"{type(exc).__name__}: {exc}"
+    return f"{type(exc).__name__}: {exc}" if not isinstance(exc, OSError) or exc.errno else str(exc)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -439,3 +439,21 @@ class App:
                 return True
             time.sleep(poll_s)
         return False
+
+
+def run_app(cfg: Config, on_started: Callable[[App], None] | None = None,
+            stop_event: threading.Event | None = None) -> int:
+    """``dentfuse serve``: build the :class:`App` from ``cfg`` and run it until SIGINT/SIGTERM
+    (or ``stop_event``). Configuration problems become :class:`click.ClickException`."""
+    import click
+
+    from dicom_node.errors import DicomNodeError
+
+    try:
+        app = App(cfg)
+    except DicomNodeError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        return app.run_until_signal(on_started=on_started, stop_event=stop_event)
+    except DicomNodeError as exc:
+        raise click.ClickException(str(exc)) from None

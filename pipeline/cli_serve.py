@@ -56,7 +56,8 @@ def run_serve(cfg: Config, stop_event: threading.Event | None = None,
 @click.option("--bind", "bind_address", default=None, help="Address to bind (default: node.bind_address).")
 def serve(cfg_opts: dict[str, Any], as_json: bool, port: int | None, ae_title: str | None,
           bind_address: str | None) -> None:
-    """Receive DICOM (C-ECHO, C-STORE) into the data directory until stopped."""
+    """Receive DICOM (C-ECHO, C-STORE) into the data directory, fuse, decide, report and
+    forward until stopped (SIGINT/SIGTERM)."""
     cfg = build_config(cfg_opts, **{"node.port": port, "node.ae_title": ae_title,
                                     "node.bind_address": bind_address})
 
@@ -69,7 +70,10 @@ def serve(cfg_opts: dict[str, Any], as_json: bool, port: int | None, ae_title: s
             click.echo(f"dentfuse listening as {info['ae_title']} on {info['bind_address']}:{info['port']} "
                        f"(data: {info['data_dir']}); Ctrl-C to stop", err=True)
 
-    code = run_serve(cfg, on_started=announce)
+    from pipeline.bootstrap import run_app
+
+    # the listener plus the fusion workers, billing hook, claim outbox and PACS forwarding
+    code = run_app(cfg, on_started=lambda app: announce(app.node))
     if not as_json:
         click.echo("dentfuse stopped cleanly", err=True)
     raise SystemExit(code)

@@ -128,7 +128,7 @@ def _matrix_item(matrix: np.ndarray, comment: str, code: tuple[str, str, str] = 
     m.FrameOfReferenceTransformationMatrix = [_ds(float(v)) for v in np.asarray(matrix, float).ravel()]
     reg = Dataset()
     reg.MatrixSequence = DicomSequence([m])
-    reg.FrameOfReferenceTransformationComment = comment[:1024]
+    reg.FrameOfReferenceTransformationComment = comment[:64]  # LO
     reg.RegistrationTypeCodeSequence = DicomSequence([_code(code)])
     return reg
 

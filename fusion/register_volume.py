@@ -48,7 +48,10 @@ class VolumeRegistrationParameters:
     pyramid_shrink: tuple[int, ...] = (2, 1)  # refinement levels on the shrunk images
     pyramid_sigma_mm: tuple[float, ...] = (1.0, 0.0)
     histogram_bins: int = 32
-    metric_samples: int = 20000  # fixed number of Mattes MI samples per evaluation
+    metric_samples: int = 20000  # fixed number of Mattes MI samples per evaluation (coarser levels)
+    final_samples: int = 30000  # samples at the finest level
+    average_consistent_runs: bool = True  # average the main and restart solutions when they agree
+    average_max_mm: float = 0.5  # ... within this corner displacement
     coarse_samples: int = 4000
     learning_rate: float = 2.0  # regular-step GD initial step (scaled by physical shift)
     min_step: float = 1e-3
@@ -221,6 +224,27 @@ def max_corner_displacement_mm(a: np.ndarray, b: np.ndarray, box: np.ndarray) ->
     return float(np.max(np.linalg.norm(pb - corners, axis=1)))
 
 
+def average_rigid(transforms: list[np.ndarray], box: np.ndarray) -> np.ndarray:
+    """The rigid moving->fixed transform that best maps (least squares, Kabsch) the
+    moving-frame preimages of a fixed-frame box's corners and centre to the mean of where
+    ``transforms`` put them."""
+    lo, hi = box
+    pts = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])]
+                   + [list((lo + hi) / 2)])
+    inv0 = np.linalg.inv(transforms[0])
+    src = pts @ inv0[:3, :3].T + inv0[:3, 3]
+    dst = np.mean([src @ t[:3, :3].T + t[:3, 3] for t in transforms], axis=0)
+    cs, cd = src.mean(axis=0), dst.mean(axis=0)
+    H = (src - cs).T @ (dst - cd)
+    U, _, Vt = np.linalg.svd(H)
+    d = np.sign(np.linalg.det(Vt.T @ U.T))
+    R = Vt.T @ np.diag([1.0, 1.0, d]) @ U.T
+    out = np.eye(4)
+    out[:3, :3] = R
+    out[:3, 3] = cd - R @ cs
+    return out
+
+
 # ---- registration ------------------------------------------------------------------
 
 def _method(params: VolumeRegistrationParameters, samples: int, seed: int, iterations: int,
@@ -384,8 +408,10 @@ def register_volumes(
     def refine(start_f2m: np.ndarray, run_seed: int, n_levels: int | None = None) -> tuple[float, np.ndarray, str, int]:
         t = _euler_from_matrix(start_f2m, centre)
         metric, stop, its = 0.0, "not run", 0
-        for fl, ml, mk in levels[: n_levels or len(levels)]:
-            t, metric, stop, its = _run(fl, ml, t, params=params, samples=params.metric_samples, seed=run_seed,
+        use = levels[: n_levels or len(levels)]
+        for n, (fl, ml, mk) in enumerate(use):
+            samples = params.final_samples if n == len(levels) - 1 else params.metric_samples
+            t, metric, stop, its = _run(fl, ml, t, params=params, samples=samples, seed=run_seed,
                                         iterations=params.max_iterations, shrink=(1,), sigmas_mm=(0.0,),
                                         fixed_mask=mk, learning_rate=params.learning_rate)
             if stop.startswith("failed"):
@@ -417,6 +443,7 @@ def register_volumes(
     rng = np.random.default_rng(seed)
     consistency = 0.0
     alternative_mm = float("nan")
+    restarts: list[np.ndarray] = []
     if box is None:
         consistency = float("inf")
     else:
@@ -437,7 +464,10 @@ def register_volumes(
             start = best_f2m @ pert
             _, f2m, _, _ = refine(start, seed + 1 + _)
             other = np.linalg.inv(f2m)
+            restarts.append(other)
             consistency = max(consistency, max_corner_displacement_mm(moving_to_fixed, other, box))
+        if params.average_consistent_runs and restarts and consistency <= params.average_max_mm:
+            moving_to_fixed = average_rigid([moving_to_fixed] + restarts, box)
     timings["consistency"] = time.perf_counter() - t3
     say("consistency", 1.0)
 

@@ -65,12 +65,15 @@ def entry_hash(text: str) -> str:
 
 
 def sha256_file(path: Path) -> str:
-    """SHA-256 of a file, or of a directory tree (sorted ``relpath NUL sha256 LF`` lines)."""
+    """SHA-256 of a file; for a directory (a derived DICOM series), the SHA-256 of its
+    ``sha256sum``-style manifest: ``"<sha256>  <relative name>\n"`` for every file except
+    ``SHA256SUMS``, sorted by name (the convention ``fusion`` uses for ``derived_series``)."""
+    path = Path(path)
     if path.is_dir():
-        h = hashlib.sha256()
-        for p in sorted(q for q in path.rglob("*") if q.is_file()):
-            h.update(f"{p.relative_to(path).as_posix()}\0{sha256_file(p)}\n".encode())
-        return h.hexdigest()
+        files = sorted((q.relative_to(path).as_posix(), q) for q in path.rglob("*")
+                       if q.is_file() and q.name != "SHA256SUMS")
+        lines = "".join(f"{sha256_file(q)}  {name}\n" for name, q in files)
+        return hashlib.sha256(lines.encode()).hexdigest()
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

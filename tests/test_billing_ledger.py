@@ -209,3 +209,22 @@ def test_document_command(tmp_path: Path) -> None:
 def test_verify_without_ledger_is_a_clear_error(tmp_path: Path) -> None:
     res = verify(tmp_path / "empty")
     assert res.exit_code != 0 and "no ledger" in res.output
+
+
+def test_directory_outputs_hash_like_a_sha256sums_manifest(tmp_path: Path) -> None:
+    """A derived series folder is hashed as fusion does: sha256 of its SHA256SUMS lines."""
+    import hashlib
+
+    from billing_hooks.ledger import sha256_file
+
+    series = tmp_path / "derived"
+    series.mkdir()
+    lines = ""
+    for k in (2, 1, 3):
+        (series / f"IM{k:04d}.dcm").write_bytes(bytes([k]) * 100)
+    for k in (1, 2, 3):
+        lines += f"{hashlib.sha256(bytes([k]) * 100).hexdigest()}  IM{k:04d}.dcm\n"
+    (series / "SHA256SUMS").write_text(lines)
+    assert sha256_file(series) == hashlib.sha256(lines.encode()).hexdigest()
+    (series / "IM0002.dcm").write_bytes(b"changed")
+    assert sha256_file(series) != hashlib.sha256(lines.encode()).hexdigest()

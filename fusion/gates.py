@@ -39,3 +39,4 @@ class SurfaceGateThresholds:
     max_hypotheses: int = 6  # global pose hypotheses refined and scored
     fine_sample_mm: float = 0.4  # scan sampling step of the final ICP stages
     max_scan_faces: int = 2_000_000  # reject scans declaring more faces (checked before parsing)
+    cbct_surface_step_mm: float = 0.0  # block-average finer CBCTs to about this voxel size before surface extraction (0: native)

@@ -612,7 +612,14 @@ def register_surface(
         if hyps2 and (not hyps or hyps2[0].inlier_fraction > hyps[0].inlier_fraction):
             hyps, sign = hyps2, -sign
     if not hyps:
-        raise RegistrationError("global alignment found no consistent hypothesis (scan and CBCT share no shape)")
+        # registration ran and found nothing: report it as a failed (rejected) fit, not a crash
+        timings["total"] = time.perf_counter() - t0
+        log.info("surface registration: no consistent global hypothesis (scan and CBCT share no shape)")
+        return SurfaceRegistration(
+            matrix=np.eye(4), inlier_fraction=0.0, inlier_rms_mm=float("inf"), n_inliers=0, n_points=len(fine_p),
+            second_inlier_fraction=0.0, hypothesis_margin=0.0, n_hypotheses=0, normal_sign=sign, iterations=iters,
+            timings_s=timings, parameters={"coarse_voxel_mm": cv, "feature_radius_mm": target.feature_radius_mm},
+        )
     best = hyps[0]
     second = 0.0
     for h in hyps[1:]:

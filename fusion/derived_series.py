@@ -23,7 +23,14 @@ from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, gene
 
 from fusion.errors import InputError
 from fusion.records import FusionOutput
-from fusion.reg_object import PATIENT_KEYWORDS, STUDY_KEYWORDS, TYPE2_EMPTY, sha256_file
+from fusion.reg_object import (
+    PATIENT_KEYWORDS,
+    STUDY_KEYWORDS,
+    TYPE2_EMPTY,
+    InstanceRef,
+    _reference_sequences,
+    sha256_file,
+)
 from fusion.volume import Volume, volume_to_sitk
 
 log = logging.getLogger(__name__)
@@ -196,6 +203,8 @@ def write_derived_series(
         ds.SeriesDescription = (series_description or f"{modality} registered to {fixed.modality or 'fixed'}")[:64]
         ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
         ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
+        ds.Laterality = ""
+        ds.PatientPosition = fh.get("PatientPosition", "") or ""
         ds.FrameOfReferenceUID = fixed.frame_of_reference_uid
         ds.PositionReferenceIndicator = fh.get("PositionReferenceIndicator", "") or ""
         ds.Manufacturer = "dentfuse"
@@ -203,7 +212,7 @@ def write_derived_series(
         ds.SoftwareVersions = [f"dentfuse {versions.get('dentfuse', '')}".strip()] + \
             [f"{n} {versions[n]}"[:64] for n in ("SimpleITK", "pydicom") if n in versions]
         ds.InstanceNumber = k + 1
-        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"] if abs(fixed.direction[2, 2]) > 0.9 else ["DERIVED", "SECONDARY", "OTHER"]
+        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"] if sop_class == CT_IMAGE else ["DERIVED", "SECONDARY", "MPR"]
         ds.DerivationDescription = derivation_description[:1024]
         ds.DerivationCodeSequence = DicomSequence([_code(DERIVATION_CODE)])
         lo_k, hi_k = sources[k]
@@ -220,10 +229,10 @@ def write_derived_series(
             src_items.append(it)
         if src_items:
             ds.SourceImageSequence = DicomSequence(src_items)
-        rs = Dataset()
-        rs.SeriesInstanceUID = moving.series_instance_uid
-        rs.StudyInstanceUID = moving.study_instance_uid
-        ds.ReferencedSeriesSequence = DicomSequence([rs])
+        # Common Instance Reference: the instances listed in the Source Image Sequence
+        _reference_sequences(ds, [InstanceRef(moving.sop_class_uid, uid, moving.series_instance_uid,
+                                              moving.study_instance_uid) for uid, _ in refs],
+                             str(fh.get("StudyInstanceUID", "")))
         # image plane (the fixed grid)
         pos = fixed.index_to_lps(np.array([[0.0, 0.0, float(k)]]))[0]
         ds.ImagePositionPatient = [_ds(float(v)) for v in pos]

@@ -19,6 +19,7 @@ import logging
 import os
 import sqlite3
 import tempfile
+import threading
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -83,6 +84,7 @@ class Outbox:
         self.settings = settings
         self.data_dir = Path(data_dir)
         self.drop_dir = Path(settings.drop_dir) if settings.drop_dir else self.data_dir / "outbox" / "drop"
+        self._deliver_lock = threading.Lock()  # one delivery pass at a time in this process
         with ledger.transaction() as conn:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
@@ -124,6 +126,10 @@ class Outbox:
 
     def deliver_pending(self, now: datetime) -> dict[str, int]:
         """Attempt every due row once. Returns counts: delivered, retry, dead, waiting."""
+        with self._deliver_lock:
+            return self._deliver_due(now)
+
+    def _deliver_due(self, now: datetime) -> dict[str, int]:
         counts = {"delivered": 0, "retry": 0, "dead": 0, "waiting": 0}
         for row in self.rows(state="pending"):
             if parse_iso(row.next_attempt_at) > now:

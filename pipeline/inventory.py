@@ -40,7 +40,7 @@ def pixel_fingerprint(paths: list[str]) -> tuple[str, dict[str, str]]:
     for n, p in enumerate(sorted(paths)):
         ds = pydicom.dcmread(p, force=True)
         if n == 0:
-            for attr in ("AcquisitionDate", "ContentDate", "SeriesDate", "StudyDate"):
+            for attr in ("AcquisitionDate", "SeriesDate", "StudyDate", "ContentDate"):
                 v = str(ds.get(attr, "") or "")
                 if v:
                     header["date"] = v

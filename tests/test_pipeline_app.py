@@ -191,3 +191,35 @@ def test_finalize_is_idempotent_and_documentation_makes_a_new_report(tmp_path: P
         assert [c for c in billing.calls if c[0] == "export"] == [("export", result.fusion_id)]
     finally:
         app.close()
+
+
+def test_import_scan_with_sidecar_and_flags(tmp_path: Path, cfg: Any, small_set: Path) -> None:
+    import json
+    import shutil
+
+    from pipeline.cli_jobs import ImportProblem
+
+    scan = tmp_path / "scans" / "upper.stl"
+    scan.parent.mkdir()
+    shutil.copy(small_set / "p1_scan" / "upper.stl", scan)
+    with pytest.raises(ImportProblem, match="no patient for this scan"):
+        import_paths(cfg, [scan])
+    (tmp_path / "scans" / "upper.stl.json").write_text(json.dumps(
+        {"patient_id": "DF-0001", "issuer_of_patient_id": "DENTFUSE-SIM", "study_date": "20250125"}))
+    summary = import_paths(cfg, [scan.parent])  # the sidecar itself is not reported as skipped
+    assert summary["skipped"] == []
+    (rec,) = summary["imported"]
+    assert rec["kind"] == "surface" and rec["patient_key"] == "DF-0001^DENTFUSE-SIM"
+    ds = pydicom.dcmread(rec["stored"])
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.104.3" and ds.StudyDate == "20250125"
+    assert ds.Manufacturer != "dentfuse"  # an acquisition, not one of our outputs
+    # flags win over the sidecar, and the same file again is the same content (a new instance)
+    other = import_paths(cfg, [scan], patient_id="DF-0009")
+    assert other["imported"][0]["patient_key"] == "DF-0009^DENTFUSE-SIM"
+    app = App(cfg, workers=False, billing=FakeBilling())
+    try:
+        app.node.stability_monitor.check()
+        series = app.inventory.stable_series("DF-0001^DENTFUSE-SIM")
+        assert [(s.kind, s.derived_by_us, s.acquisition_date) for s in series] == [("surface", False, "20250125")]
+    finally:
+        app.close()

@@ -226,7 +226,7 @@ class Ledger:
             conn.execute("INSERT INTO ledger(seq, kind, fusion_id, patient_key, recorded_at, entry, hash) "
                          "VALUES (?,?,?,?,?,?,?)", (seq, kind, fusion_id, patient_key, recorded_at, text, h))
             self._pending_head = (seq, h)
-        return LedgerEntry(seq, kind, recorded_at, fusion_id, patient_key, json.loads(text)["event"], prev, h)
+        return LedgerEntry(seq, kind, recorded_at, fusion_id, patient_key, event, prev, h)
 
     def _write_head(self, seq: int, h: str) -> None:
         # A fixed-size record rewritten in place (one small pwrite, no rename): cheap enough

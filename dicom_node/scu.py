@@ -211,7 +211,8 @@ def open_association(
     if not assoc.is_established:
         if assoc.is_rejected:
             raise PeerUnavailableError(
-                f"{describe(destination)} rejected the association from {calling_ae_title!r}; "
+                f"{describe(destination)} rejected the association from {calling_ae_title!r} "
+                f"({_rejection_reason(assoc)}); "
                 f"check that the PACS knows AE title {calling_ae_title!r} and is called {destination.ae_title!r}"
             )
         raise PeerUnavailableError(
@@ -242,6 +243,14 @@ def close(assoc: Association) -> None:
 
 def describe(destination: PacsDestination) -> str:
     return f"PACS {destination.name} ({destination.ae_title}@{destination.host}:{destination.port})"
+
+
+def _rejection_reason(assoc: Association) -> str:
+    prim = getattr(getattr(assoc, "acceptor", None), "primitive", None)
+    try:
+        return f"{prim.result_str}, {prim.source_str}: {prim.reason_str}"
+    except Exception:  # noqa: BLE001 - no A-ASSOCIATE-RJ details available
+        return "no reason given"
 
 
 def status_category(status: int) -> str:

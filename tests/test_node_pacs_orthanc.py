@@ -222,6 +222,14 @@ def test_cli_query_and_retrieve(world: World, tmp_path: Path) -> None:
     assert sorted(len(r["received"]) for r in results) == [3, 4] and all(r["ok"] for r in results)
     res = runner.invoke(main, ["node", "ls", "--json", "--data-dir", str(data)], env=env)
     assert sorted((r["modality"], r["instance_count"]) for r in json.loads(res.output)) == [("CT", 4), ("MR", 3)]
+    # C-MOVE to our running listener (the world's node, AE title DENTFUSE = node.ae_title)
+    mr = pydicom.dcmread(world.mr[0])
+    res = runner.invoke(main, ["node", "retrieve", pacs, "--study", mr.StudyInstanceUID, "--series",
+                               mr.SeriesInstanceUID, "--method", "move", "--json", "--data-dir",
+                               str(world.node.data_dir)], env=env)
+    assert res.exit_code == 0, res.output
+    assert set(json.loads(res.output)[0]["received"]) == uids(world.mr)
+    assert all(world.node.index.get(u) is not None for u in uids(world.mr))
     res = runner.invoke(main, ["node", "query", f"X@127.0.0.1:{free_port()}", "--patient-id", "DF-0001",
                                "--data-dir", str(data)], env=env)
     assert res.exit_code == 1 and "is the PACS running" in res.output

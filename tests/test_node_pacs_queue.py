@@ -289,3 +289,77 @@ def test_cli_forward_and_ls(tmp_path: Path, series: list[Path]) -> None:
         assert res.exit_code == 2 and "unknown destination 'elsewhere'" in res.output
     finally:
         scp.close()
+
+
+def _pki(tmp_path: Path) -> dict[str, Path]:
+    """A throwaway CA with a server certificate for 127.0.0.1 and a client certificate."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.timezone.utc)
+    out: dict[str, Path] = {}
+
+    def save(name: str, key, cert) -> None:
+        out[f"{name}_key"] = tmp_path / f"{name}.key"
+        out[f"{name}_key"].write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                         serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+        out[f"{name}_crt"] = tmp_path / f"{name}.crt"
+        out[f"{name}_crt"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    def build(subject: str, issuer, key, signing_key, ca: bool, san=None):
+        b = (x509.CertificateBuilder()
+             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+             .issuer_name(issuer).public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(hours=2))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return b.sign(signing_key, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pacs test CA")])
+    save("ca", ca_key, build("pacs test CA", ca_name, ca_key, ca_key, True))
+    for name, san in (("server", [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), ("client", None)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        save(name, key, build(f"pacs test {name}", ca_name, key, ca_key, False, san))
+    return out
+
+
+def test_forward_over_tls_to_a_dicom_node(tmp_path: Path, series: list[Path]) -> None:
+    from dicom_node.scu import client_tls_context
+    from dicom_node.server import DicomNode
+    from dicom_node.settings import NodeSettings, StabilitySettings
+
+    pki = _pki(tmp_path)
+    node = DicomNode(NodeSettings(ae_title="REMOTE", port=0, tls_certificate=str(pki["server_crt"]),
+                                  tls_private_key=str(pki["server_key"]),
+                                  tls_ca_certificates=str(pki["ca_crt"]), tls_require_client_certificate=True),
+                     StabilitySettings(), tmp_path / "remote")
+    port = node.start()
+    try:
+        dest = PacsDestination("remote", "REMOTE", "127.0.0.1", port, tls=True)
+        cfg = settings(dest, backoff=1)
+        with ForwardQueue(tmp_path / "plain", cfg, "DENTFUSE") as q0:  # no TLS context configured
+            q0.enqueue(series[0], "remote", now=0.0)
+            assert q0.run_once(now=0.0).retrying == 1
+            assert "requires TLS but no TLS client context" in (q0.jobs()[0].last_error or "")
+        no_client_cert = client_tls_context(str(pki["ca_crt"]))
+        with ForwardQueue(tmp_path / "nocert", cfg, "DENTFUSE", tls=no_client_cert) as q1:
+            q1.enqueue(series[0], "remote", now=0.0)
+            assert q1.run_once(now=0.0).retrying == 1  # the node wants a client certificate
+        tls = client_tls_context(str(pki["ca_crt"]), str(pki["client_crt"]), str(pki["client_key"]))
+        with ForwardQueue(tmp_path / "data", cfg, "DENTFUSE", tls=tls) as q:
+            q.enqueue_many(series, "remote", now=0.0)
+            assert q.run_once(now=0.0).delivered == 3
+        for p in series:
+            rec = node.index.get(str(pydicom.dcmread(p).SOPInstanceUID))
+            assert rec is not None and rec.calling_ae_title == "DENTFUSE"
+            assert dataset_bytes(Path(rec.path).read_bytes()) == dataset_bytes(p.read_bytes())
+    finally:
+        node.close()

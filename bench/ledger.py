@@ -8,6 +8,7 @@ Targets: >= 5,000 durable appends/s and >= 50,000 verified events/s.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -42,7 +43,9 @@ def main() -> int:
             print(f"verify FAILED: {report.first_broken}", file=sys.stderr)
             return 1
         ledger.close()
-        print(f"synchronous={args.synchronous} journal=WAL events={args.events}")
+        load = os.getloadavg()
+        print(f"synchronous={args.synchronous} journal=WAL events={args.events} "
+              f"(load average {load[0]:.1f} on {os.cpu_count()} CPUs)")
         print(f"append (one committed transaction each): {args.events / t_append:,.0f} events/s ({t_append:.2f} s)")
         print(f"verify (full chain): {args.events / t_verify:,.0f} events/s ({t_verify:.2f} s)")
     return 0

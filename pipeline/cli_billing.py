@@ -160,9 +160,12 @@ def document(cfg_opts: dict[str, Any], as_json: bool, fusion_id: str, rationale:
         raise click.ClickException(f"fusion {fusion_id!r} is not in the ledger of {cfg.data_dir}; "
                                    "see `dentfuse events`")
     try:
-        from pipeline.bootstrap import document_fusion
+        from pipeline.bootstrap import document_fusion, fusions_dir
     except ImportError:  # billing alone: record the documentation without the report follow-up
         document_fusion = None  # type: ignore[assignment]
+    else:
+        if not (fusions_dir(cfg.data_dir) / fusion_id / "result.json").is_file():
+            document_fusion = None  # type: ignore[assignment]  # no fusion folder: nothing to re-report
     try:
         if document_fusion is not None:
             decision = document_fusion(cfg, fusion_id, rationale, clinician)

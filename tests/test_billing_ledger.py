@@ -228,3 +228,14 @@ def test_directory_outputs_hash_like_a_sha256sums_manifest(tmp_path: Path) -> No
     assert sha256_file(series) == hashlib.sha256(lines.encode()).hexdigest()
     (series / "IM0002.dcm").write_bytes(b"changed")
     assert sha256_file(series) != hashlib.sha256(lines.encode()).hexdigest()
+
+
+def test_document_command_without_fusion_folder_records_documentation(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    hook = make_hook(data)
+    hook.record_fusion(result(tmp_path, "F1", (cbct("a"), scan())))
+    hook.close()
+    res = CliRunner().invoke(main, ["document", "F1", "--rationale", "Implant planning at 36.",
+                                    "--clinician", "Dr. A. Molar", "--data-dir", str(data)])
+    assert res.exit_code == 0, res.output
+    assert "ready to bill D0395" in res.output

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -286,3 +287,45 @@ def test_maximum_associations(start_node):
         threading.Event().wait(0.05)
     assert again is not None and again.is_established
     again.release()
+
+
+def test_storescu_small_set_cbct_scan_and_pano_are_indexed_by_kind(small_set, tmp_path):
+    """The synthetic clinic: a CBCT series, an Encapsulated STL scan and a panoramic DX."""
+    storescu, dcmsend = dcmtk("storescu"), dcmtk("dcmsend")
+    from test_volumes.groundtruth import GroundTruth
+
+    gt = GroundTruth.load(small_set)
+    cbct_dir = gt.series_dir("p1_cbct_a")
+    scan = small_set / "p1_scan" / "upper.dcm"
+    pano = sorted((small_set / "p1_pano").glob("*.dcm"))
+    node = DicomNode(NodeSettings(port=0), StabilitySettings(quiet_period_s=0.5, check_interval_s=0.1),
+                     tmp_path / "clinic")
+    node.start()
+    try:
+        t0 = time.monotonic()
+        r = run([storescu, "-aet", "CLINIC", "-aec", "DENTFUSE", "+sd", "127.0.0.1", str(node.port), str(cbct_dir)])
+        assert r.returncode == 0, r.stderr
+        cbct_s = time.monotonic() - t0
+        # storescu does not propose Encapsulated STL by default; dcmsend proposes what it finds
+        r = run([dcmsend, "-aet", "CLINIC", "-aec", "DENTFUSE", "127.0.0.1", str(node.port), str(scan),
+                 *map(str, pano)])
+        assert r.returncode == 0, r.stderr
+        cbct_files = sorted(cbct_dir.glob("*.dcm"))
+        kinds = {s.kind: s for s in node.index.series()}
+        assert set(kinds) == {"volume", "surface", "2d"}
+        assert kinds["volume"].instance_count == len(cbct_files) and kinds["volume"].modality == "CT"
+        assert kinds["surface"].instance_count == 1 and kinds["2d"].instance_count == len(pano)
+        assert {p.patient_id for p in node.index.patients()} == {"DF-0001"}
+        for p in cbct_files + [scan] + pano:
+            rec = node.index.get(sop_uid_of(p))
+            assert dataset_sha256(Path(rec.path)) == dataset_sha256(p)
+        deadline = time.monotonic() + 20
+        while len(node.stability_monitor.pending_events()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        events = node.stability_monitor.pending_events()
+        assert sorted(e.kind for e in events) == ["2d", "surface", "volume"]
+        assert {e.instance_count for e in events if e.kind == "volume"} == {len(cbct_files)}
+        size_mb = sum(p.stat().st_size for p in cbct_files) / 1e6
+        print(f"p1_cbct_a via storescu: {len(cbct_files)} instances, {size_mb:.1f} MB in {cbct_s:.2f} s")
+    finally:
+        node.close()

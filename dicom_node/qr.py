@@ -75,6 +75,7 @@ StoreHandler = Callable[[evt.Event], Any]
 class StudyMatch:
     study_instance_uid: str
     patient_id: str
+    issuer_of_patient_id: str
     study_date: str
     study_time: str
     accession_number: str
@@ -148,6 +149,12 @@ class RetrieveResult:
         d = dict(self.__dict__)
         d["ok"] = self.ok
         return d
+
+
+def split_patient_key(patient_key: str) -> tuple[str, str]:
+    """``"ID^ISSUER"`` (the node's patient key) -> ``("ID", "ISSUER")``; ``"ID"`` -> ``("ID", "")``."""
+    pid, _, issuer = patient_key.partition("^")
+    return pid, issuer
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -313,23 +320,44 @@ class PacsClient:
     def _base(self, level: str, patient_id: str | None) -> Dataset:
         ds = Dataset()
         ds.QueryRetrieveLevel = level
-        if self.model == "patient" or patient_id is not None:
+        # Study Root below study level has no patient keys; Patient Root needs the ID.
+        if self.model == "patient" or level == "STUDY":
             ds.PatientID = patient_id or ""
         return ds
 
-    def find_studies(self, patient_id: str, *, study_date: str = "") -> list[StudyMatch]:
-        """Studies of ``patient_id`` (``study_date`` a DICOM date or range, optional)."""
+    def find_studies(self, patient_id: str, *, issuer_of_patient_id: str | None = None,
+                     study_date: str = "") -> list[StudyMatch]:
+        """Studies of ``patient_id`` (``study_date`` a DICOM date or range, optional).
+
+        ``issuer_of_patient_id`` None lists every study with that ID; a string (``""`` for
+        "no issuer") keeps only studies under that issuer: the same ID from another issuer
+        is another person. A PACS that reports no issuer for any study cannot be checked;
+        its answers are kept (logged), and the pipeline's patient checks still apply to
+        what is retrieved.
+        """
         if not patient_id:
             raise PacsError("a patient ID is required to query studies (no wildcard queries of a whole PACS)")
         ds = self._base("STUDY", patient_id)
-        for kw in ("StudyInstanceUID", "StudyTime", "AccessionNumber", "StudyDescription",
+        for kw in ("StudyInstanceUID", "StudyTime", "AccessionNumber", "StudyDescription", "IssuerOfPatientID",
                    "ModalitiesInStudy", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances"):
             setattr(ds, kw, "")
         ds.StudyDate = study_date
         rows = self._find(ds)
+        if issuer_of_patient_id is not None:
+            issuers = {_text(r, "IssuerOfPatientID") for r in rows}
+            if issuers - {""}:
+                kept = [r for r in rows if _text(r, "IssuerOfPatientID") == issuer_of_patient_id]
+                if len(kept) < len(rows):
+                    log.warning("%d stud(ies) with patient ID %s under another issuer skipped on %s",
+                                len(rows) - len(kept), patient_id, self.destination.name)
+                rows = kept
+            elif issuer_of_patient_id:
+                log.warning("%s reports no IssuerOfPatientID; studies of %s cannot be checked for issuer %s",
+                            self.destination.name, patient_id, issuer_of_patient_id)
         out = [
             StudyMatch(
                 study_instance_uid=_text(r, "StudyInstanceUID"), patient_id=_text(r, "PatientID"),
+                issuer_of_patient_id=_text(r, "IssuerOfPatientID"),
                 study_date=_text(r, "StudyDate"), study_time=_text(r, "StudyTime"),
                 accession_number=_text(r, "AccessionNumber"), study_description=_text(r, "StudyDescription"),
                 modalities_in_study=_multi(r, "ModalitiesInStudy"),
@@ -377,7 +405,8 @@ class PacsClient:
         return [InstanceMatch(_text(r, "SOPInstanceUID"), _text(r, "SOPClassUID"), _text(r, "InstanceNumber"))
                 for r in rows if _text(r, "SOPInstanceUID")]
 
-    def find_prior_3d_series(self, patient_id: str, *, exclude_study_uids: Iterable[str] = (),
+    def find_prior_3d_series(self, patient_id: str, *, issuer_of_patient_id: str = "",
+                             exclude_study_uids: Iterable[str] = (),
                              exclude_series_uids: Iterable[str] = ()) -> list[SeriesMatch]:
         """The patient's 3D series on the PACS, oldest study first.
 
@@ -388,7 +417,7 @@ class PacsClient:
         skip_studies, skip_series = set(exclude_study_uids), set(exclude_series_uids)
         pid = patient_id if self.model == "patient" else None
         priors: list[SeriesMatch] = []
-        for study in self.find_studies(patient_id):
+        for study in self.find_studies(patient_id, issuer_of_patient_id=issuer_of_patient_id):
             if study.study_instance_uid in skip_studies:
                 continue
             for s in self.find_series(study.study_instance_uid, patient_id=pid):

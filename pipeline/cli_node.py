@@ -243,7 +243,8 @@ def forward_cmd(cfg_opts: dict[str, Any], as_json: bool, destination: str, paths
 # -- query -------------------------------------------------------------------------------
 @node.command("query")
 @click.argument("pacs")
-@click.option("--patient-id", required=True, help="PatientID to query (required: no whole-PACS queries).")
+@click.option("--patient-id", required=True,
+              help="PatientID to query, or a patient key ID^ISSUER (required: no whole-PACS queries).")
 @click.option("--study", "study_uid", default=None, help="List the series of this study.")
 @click.option("--priors", is_flag=True, help="List the patient's 3D series (CT, MR, 3D classes).")
 @click.option("--model", type=click.Choice(["study", "patient"]), default="study", show_default=True,
@@ -252,15 +253,16 @@ def forward_cmd(cfg_opts: dict[str, Any], as_json: bool, destination: str, paths
 def query_cmd(cfg_opts: dict[str, Any], as_json: bool, pacs: str, patient_id: str, study_uid: str | None,
               priors: bool, model: str) -> None:
     """C-FIND a PACS: studies of a patient, series of a study, or prior 3D series."""
-    from dicom_node.qr import PacsClient
+    from dicom_node.qr import PacsClient, split_patient_key
     from dicom_node.scu import PacsError
 
     cfg = build_config(cfg_opts)
     client = PacsClient(cfg.node.ae_title, _destination(cfg, pacs), model=model,
                         timeouts=_timeouts(cfg), tls=_tls(cfg))
+    patient_id, issuer = split_patient_key(patient_id)
     try:
         if priors or study_uid:
-            series = (client.find_prior_3d_series(patient_id) if priors
+            series = (client.find_prior_3d_series(patient_id, issuer_of_patient_id=issuer) if priors
                       else client.find_series(study_uid or "", patient_id=patient_id))
             if as_json:
                 emit_json([s.to_dict() for s in series])
@@ -270,13 +272,14 @@ def query_cmd(cfg_opts: dict[str, Any], as_json: bool, pacs: str, patient_id: st
                            s.number_of_instances if s.number_of_instances is not None else "?",
                            s.series_description) for s in series])
             return
-        studies = client.find_studies(patient_id)
+        # a bare ID lists every issuer's studies (issuer shown); ID^ISSUER only that issuer's
+        studies = client.find_studies(patient_id, issuer_of_patient_id=issuer or None)
         if as_json:
             emit_json([s.to_dict() for s in studies])
             return
         _print_table(f"studies of {patient_id} on {pacs}",
-                     ["study", "date", "modalities", "series", "instances", "description"],
-                     [(s.study_instance_uid, s.study_date, "/".join(s.modalities_in_study),
+                     ["study", "issuer", "date", "modalities", "series", "instances", "description"],
+                     [(s.study_instance_uid, s.issuer_of_patient_id, s.study_date, "/".join(s.modalities_in_study),
                        s.number_of_series if s.number_of_series is not None else "?",
                        s.number_of_instances if s.number_of_instances is not None else "?",
                        s.study_description) for s in studies])
@@ -290,7 +293,8 @@ def query_cmd(cfg_opts: dict[str, Any], as_json: bool, pacs: str, patient_id: st
 @click.option("--study", "study_uid", default=None, help="Study of the series to retrieve.")
 @click.option("--series", "series_uids", multiple=True, help="Series to retrieve (repeatable).")
 @click.option("--priors", is_flag=True, help="Retrieve every prior 3D series of --patient-id.")
-@click.option("--patient-id", default=None, help="PatientID (needed with --priors and the patient model).")
+@click.option("--patient-id", default=None,
+              help="PatientID or ID^ISSUER (needed with --priors and the patient model).")
 @click.option("--method", type=click.Choice(["get", "move"]), default="get", show_default=True,
               help="C-GET (on our association) or C-MOVE (to our listener: dentfuse serve must run).")
 @click.option("--move-destination", default=None,
@@ -306,13 +310,16 @@ def retrieve_cmd(cfg_opts: dict[str, Any], as_json: bool, pacs: str, study_uid: 
     """
     from dicom_node.audit import AuditTrail
     from dicom_node.index import InstanceIndex
-    from dicom_node.qr import PacsClient, RetrievedStoreHandler
+    from dicom_node.qr import PacsClient, RetrievedStoreHandler, split_patient_key
     from dicom_node.scu import PacsError
     from dicom_node.storage import InstanceStore
 
     cfg = build_config(cfg_opts)
     if priors and not patient_id:
         raise click.UsageError("--priors needs --patient-id")
+    issuer = ""
+    if patient_id:
+        patient_id, issuer = split_patient_key(patient_id)
     if not priors and not (study_uid and series_uids):
         raise click.UsageError("give --study and --series, or --priors --patient-id")
     client = PacsClient(cfg.node.ae_title, _destination(cfg, pacs), model=model,
@@ -325,7 +332,7 @@ def retrieve_cmd(cfg_opts: dict[str, Any], as_json: bool, pacs: str, study_uid: 
         if priors:
             assert patient_id is not None
             targets = [(s.study_instance_uid, s.series_instance_uid)
-                       for s in client.find_prior_3d_series(patient_id)]
+                       for s in client.find_prior_3d_series(patient_id, issuer_of_patient_id=issuer)]
         else:
             assert study_uid is not None
             targets = [(study_uid, s) for s in series_uids]

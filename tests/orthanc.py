@@ -223,7 +223,8 @@ class OrthancServer:
 def make_series(out: Path, *, n: int = 4, seed: int = 1, patient_id: str = "DF-0001",
                 modality: str = "CT", sop_class_uid: str = "1.2.840.10008.5.1.4.1.1.2",
                 transfer_syntax_uid: str = "1.2.840.10008.1.2.1", rows: int = 32, cols: int = 32,
-                study_instance_uid: str | None = None, study_date: str = "20250101") -> list[Path]:
+                study_instance_uid: str | None = None, study_date: str = "20250101",
+                issuer_of_patient_id: str = "") -> list[Path]:
     """Write ``n`` single-frame int16 slices (seeded pixels and UIDs) as Part 10 files.
 
     Uncompressed only (Explicit or Implicit VR Little Endian); returns the paths in
@@ -238,7 +239,7 @@ def make_series(out: Path, *, n: int = 4, seed: int = 1, patient_id: str = "DF-0
     rng = np.random.default_rng(seed)
 
     def uid(*parts: object) -> str:
-        return generate_uid(entropy_srcs=[str(seed), patient_id, modality, *map(str, parts)])
+        return generate_uid(entropy_srcs=[str(seed), patient_id, issuer_of_patient_id, modality, *map(str, parts)])
 
     study = study_instance_uid or uid("study")
     series, frame = uid("series"), uid("frame")
@@ -253,6 +254,8 @@ def make_series(out: Path, *, n: int = 4, seed: int = 1, patient_id: str = "DF-0
         ds.SOPClassUID, ds.SOPInstanceUID = sop_class_uid, sop
         ds.PatientID, ds.PatientName = patient_id, "Synthetic^Patient"
         ds.PatientBirthDate, ds.PatientSex = "19800101", "F"
+        if issuer_of_patient_id:
+            ds.IssuerOfPatientID = issuer_of_patient_id
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
         ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = study_date, "101010", f"A{seed}", "1"
         ds.Modality, ds.SeriesNumber, ds.InstanceNumber = modality, seed, i + 1

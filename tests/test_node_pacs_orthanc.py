@@ -64,7 +64,10 @@ class World:
         self.mr = make_series(root / "mr", n=3, seed=3, modality="MR", sop_class_uid=MR,
                               study_instance_uid=study_b, study_date="20250301")
         self.other_patient = make_series(root / "p2", n=2, seed=4, patient_id="DF-0002")
-        self.orthanc.upload(self.prior_ct + self.pano + self.mr + self.other_patient)
+        # same PatientID issued by another hospital: a different person
+        self.namesake = make_series(root / "namesake", n=2, seed=5, patient_id="DF-0001",
+                                    issuer_of_patient_id="OTHERHOSP", study_date="20230101")
+        self.orthanc.upload(self.prior_ct + self.pano + self.mr + self.other_patient + self.namesake)
         self.dest = PacsDestination("orthanc", self.orthanc.ae_title, "127.0.0.1", self.orthanc.dicom_port)
 
     def close(self) -> None:
@@ -140,16 +143,21 @@ def test_dead_letter_after_budget_then_revived_by_a_restarted_queue(tmp_path: Pa
 @pytest.mark.parametrize("model", ["study", "patient"])
 def test_cfind_studies_series_and_priors(world: World, model: str) -> None:
     client = PacsClient("DENTFUSE", world.dest, model=model)
-    studies = client.find_studies("DF-0001")
+    assert [s.study_date for s in client.find_studies("DF-0001")] == ["20230101", "20240105", "20250301"]
+    namesake = client.find_studies("DF-0001", issuer_of_patient_id="OTHERHOSP")
+    assert [(s.study_date, s.issuer_of_patient_id) for s in namesake] == [("20230101", "OTHERHOSP")]
+    studies = client.find_studies("DF-0001", issuer_of_patient_id="")  # the patient without issuer
     assert [s.study_date for s in studies] == ["20240105", "20250301"]
     assert studies[0].study_instance_uid == pydicom.dcmread(world.prior_ct[0]).StudyInstanceUID
     assert studies[0].number_of_instances == 4
     assert all(s.patient_id == "DF-0001" for s in studies)
     series_b = client.find_series(studies[1].study_instance_uid, patient_id="DF-0001")
     assert sorted((s.modality, s.number_of_instances) for s in series_b) == [("DX", 1), ("MR", 3)]
-    priors = client.find_prior_3d_series("DF-0001")
-    assert sorted(s.modality for s in priors) == ["CT", "MR"]  # the panoramic is not a prior
-    assert client.find_prior_3d_series("DF-0001", exclude_study_uids=[studies[1].study_instance_uid])[0].modality == "CT"
+    priors = client.find_prior_3d_series("DF-0001")  # not the namesake's CT, not the panoramic
+    assert sorted(s.modality for s in priors) == ["CT", "MR"]
+    assert [s.modality for s in client.find_prior_3d_series("DF-0001", issuer_of_patient_id="OTHERHOSP")] == ["CT"]
+    only_ct = client.find_prior_3d_series("DF-0001", exclude_study_uids=[studies[1].study_instance_uid])
+    assert [s.modality for s in only_ct] == ["CT"]
     assert [s.patient_id for s in client.find_studies("DF-0002")] == ["DF-0002"]
     assert client.find_studies("NOBODY") == []
 
@@ -211,7 +219,11 @@ def test_cli_query_and_retrieve(world: World, tmp_path: Path) -> None:
     res = runner.invoke(main, ["node", "query", pacs, "--patient-id", "DF-0001", "--json", "--data-dir", str(data)],
                         env=env)
     assert res.exit_code == 0, res.output
-    assert [s["study_date"] for s in json.loads(res.output)] == ["20240105", "20250301"]
+    assert [(s["study_date"], s["issuer_of_patient_id"]) for s in json.loads(res.output)] == [
+        ("20230101", "OTHERHOSP"), ("20240105", ""), ("20250301", "")]
+    res = runner.invoke(main, ["node", "query", pacs, "--patient-id", "DF-0001^OTHERHOSP", "--json",
+                               "--data-dir", str(data)], env=env)
+    assert [s["study_date"] for s in json.loads(res.output)] == ["20230101"]
     res = runner.invoke(main, ["node", "query", pacs, "--patient-id", "DF-0001", "--priors", "--data-dir", str(data)],
                         env=env)
     assert res.exit_code == 0 and "CT" in res.output and "MR" in res.output and "DX" not in res.output

@@ -3,10 +3,10 @@
 ``App`` wires:
 
 * the DICOM node (listener, store, index, stability monitor) of ``dicom_node``;
-* the planner loop: persisted ``SeriesStable`` events -> :func:`pipeline.planner.plan_fusions`
-  over the node's index -> jobs in the :class:`~pipeline.jobs.JobQueue` (idempotent keys),
-  then the events are acknowledged (at least once: a crash before the ack re-plans, which
-  the job keys make harmless);
+* the planner loop: persisted ``SeriesStable`` events -> once every series of the patient
+  is stable, :func:`pipeline.planner.plan_fusions` over the node's index -> jobs in the
+  :class:`~pipeline.jobs.JobQueue` (idempotent keys), then the events are acknowledged (at
+  least once: a crash before the ack re-plans, which the job keys make harmless);
 * the worker pool (:class:`~pipeline.worker.WorkerPool`, one process per fusion);
 * ``finalize`` for each computed fusion, in this process: billing decision (ledgered), the
   report (PDF + HTML, its hash ledgered), forwarding of accepted outputs to the configured
@@ -363,6 +363,8 @@ class App:
         for ev in events:
             by_patient.setdefault(ev.patient_key, []).append(ev)
         for patient, evs in by_patient.items():
+            if not self.patient_quiet(patient):
+                continue  # another series of this patient is still arriving: plan once it is stable
             try:
                 created += sum(1 for _job, new in self.plan_patient(patient) if new)
             except Exception:
@@ -371,6 +373,13 @@ class App:
             for ev in evs:
                 monitor.ack(ev.event_id)
         return created
+
+    def patient_quiet(self, patient_key: str) -> bool:
+        """Every series of the patient is stable. Planning waits for that, so that series
+        arriving together are planned together (a scan is paired with the CBCT closest in
+        date among all of them, not with whichever CBCT finished arriving first)."""
+        monitor = self.node.stability_monitor
+        return all(monitor.is_stable(s.series_instance_uid) for s in self.node.index.series(patient_key=patient_key))
 
     def plan_patient(self, patient_key: str) -> list[tuple[Job, bool]]:
         """Plan and enqueue the fusions of one patient (idempotent)."""

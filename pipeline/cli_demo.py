@@ -31,6 +31,7 @@ from pipeline.config import ConfigError, load_config
 log = logging.getLogger(__name__)
 
 DEMO_QUIET_PERIOD_S = 2.0
+DEMO_FEE_SCHEDULE = ("D0395=350.00",)  # the demo's own fee, so that a claim can be exported
 DEMO_CALLING_AE = "DEMO_SCANNER"
 DEMO_CLINICIAN = "dentfuse demo (not a clinician)"
 DEMO_RATIONALE = ("DEMO ONLY - written automatically by `dentfuse demo` for a synthetic patient, not a clinical "
@@ -168,6 +169,7 @@ def run_demo(data_dir: Path, *, source: Path | None = None, console: Console | N
         cfg = load_config(config_file, flags={
             "data_dir": data_dir, "node.port": 0, "node.bind_address": "127.0.0.1",
             "stability.quiet_period_s": quiet_period_s, "stability.check_interval_s": 0.2,
+            "fusion.workers": 2, "billing.policy.fee_schedule": DEMO_FEE_SCHEDULE,
         })
     except ConfigError as exc:
         raise click.ClickException(f"configuration error: {exc}") from None
@@ -181,18 +183,22 @@ def run_demo(data_dir: Path, *, source: Path | None = None, console: Console | N
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console, transient=False) as progress:
             task = progress.add_task("C-STORE " + ", ".join(label for label, _f in groups), total=total)
-            # one association per series, in parallel, as several modalities would send
+            # CBCT A first (it is the original the re-sent copy duplicates), then one
+            # association per series in parallel, as several modalities would send
             from concurrent.futures import ThreadPoolExecutor
 
+            send_files(groups[0][1], "127.0.0.1", port, cfg.node.ae_title,
+                       on_sent=lambda _p, _s: progress.advance(task))
             with ThreadPoolExecutor(max_workers=len(groups)) as ex:
                 futures = [ex.submit(send_files, files, "127.0.0.1", port, cfg.node.ae_title,
-                                     on_sent=lambda _p, _s: progress.advance(task)) for _label, files in groups]
+                                     on_sent=lambda _p, _s: progress.advance(task)) for _label, files in groups[1:]]
                 for f in futures:
                     f.result()
             timings["send_s"] = time.monotonic() - t0
             progress.update(task, description=f"sent {total} instances")
             console.print(f"waiting {quiet_period_s:g} s of quiet before a series counts as complete "
-                          "(the demo's quiet period; a clinic uses 60 s)")
+                          "(the demo's quiet period; a clinic uses 60 s); 2 fusion worker processes; "
+                          f"demo fee schedule {', '.join(DEMO_FEE_SCHEDULE)}")
             job_tasks: dict[int, Any] = {}
             wait = progress.add_task("series stability", total=None)
             deadline = time.monotonic() + timeout_s

@@ -223,3 +223,24 @@ def test_import_scan_with_sidecar_and_flags(tmp_path: Path, cfg: Any, small_set:
         assert [(s.kind, s.derived_by_us, s.acquisition_date) for s in series] == [("surface", False, "20250125")]
     finally:
         app.close()
+
+
+def test_planning_waits_until_every_series_of_the_patient_is_stable(tmp_path: Path, cfg: Any) -> None:
+    rng = np.random.default_rng(3)
+    src = tmp_path / "src"
+    write_series(src / "a", "DF-0001", rng.integers(0, 1000, (4, 8, 8)), "20250101")
+    write_series(src / "b", "DF-0001", rng.integers(0, 1000, (4, 8, 8)), "20250601")
+    import_paths(cfg, [src / "a", src / "b"])
+    app = App(cfg, workers=False, billing=FakeBilling())
+    try:
+        app.node.stability_monitor.check()  # A and B announced
+        write_series(src / "c", "DF-0001", rng.integers(0, 1000, (4, 8, 8)), "20250901")
+        import_paths(cfg, [src / "c"])  # C is still arriving (not announced yet)
+        assert not app.patient_quiet("DF-0001")
+        assert app.process_stability_events() == 0
+        assert len(app.node.stability_monitor.pending_events()) == 2  # kept for later, not lost
+        app.node.stability_monitor.check()
+        assert app.process_stability_events() == 3  # A+B, A+C, B+C planned together
+        assert app.node.stability_monitor.pending_events() == []
+    finally:
+        app.close()

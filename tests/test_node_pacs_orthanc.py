@@ -245,3 +245,20 @@ def test_cli_query_and_retrieve(world: World, tmp_path: Path) -> None:
     res = runner.invoke(main, ["node", "query", f"X@127.0.0.1:{free_port()}", "--patient-id", "DF-0001",
                                "--data-dir", str(data)], env=env)
     assert res.exit_code == 1 and "is the PACS running" in res.output
+
+
+def test_forward_pipeline_like_outputs_of_the_small_set(world: World, small_set: Path, tmp_path: Path) -> None:
+    """An Encapsulated STL, a panoramic and CBCT slices of the committed synthetic set reach
+    Orthanc through the queue unchanged, whatever their transfer syntax."""
+    files = [small_set / "p1_scan" / "upper.dcm"]
+    files += sorted((small_set / "p1_pano").glob("*.dcm"))[:1]
+    files += sorted((small_set / "p1_cbct_a").glob("*.dcm"))[:3]
+    assert len(files) == 5
+    cfg = PacsSettings(destinations=(world.dest,), forward_backoff_s=1.0)
+    with ForwardQueue(tmp_path / "data", cfg, "DENTFUSE") as q:
+        q.enqueue_many(files, "orthanc", now=0.0)
+        report = q.run_once(now=0.0)
+        assert report.delivered == 5, q.jobs()
+    for p in files:
+        sop = str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+        assert dataset_bytes(world.orthanc.instance_file(sop)) == dataset_bytes(p.read_bytes()), p.name

@@ -8,6 +8,7 @@ and ``retrieve``.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -248,17 +249,28 @@ def test_cli_query_and_retrieve(world: World, tmp_path: Path) -> None:
 
 
 def test_forward_pipeline_like_outputs_of_the_small_set(world: World, small_set: Path, tmp_path: Path) -> None:
-    """An Encapsulated STL, a panoramic and CBCT slices of the committed synthetic set reach
-    Orthanc through the queue unchanged, whatever their transfer syntax."""
+    """An Encapsulated STL, a panoramic and CBCT slices of the committed synthetic set, and
+    JPEG-LS and RLE files, reach Orthanc through the queue unchanged (sent as stored)."""
     files = [small_set / "p1_scan" / "upper.dcm"]
     files += sorted((small_set / "p1_pano").glob("*.dcm"))[:1]
     files += sorted((small_set / "p1_cbct_a").glob("*.dcm"))[:3]
-    assert len(files) == 5
+    from pydicom.uid import JPEGLSLossless, RLELossless
+
+    for i, syntax in enumerate((JPEGLSLossless, RLELossless)):  # compressed outputs go as stored
+        path = make_series(tmp_path / f"compressed{i}", n=1, seed=40 + i)[0]
+        ds = pydicom.dcmread(path)
+        ds.compress(syntax)
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    assert len(files) == 7
     cfg = PacsSettings(destinations=(world.dest,), forward_backoff_s=1.0)
     with ForwardQueue(tmp_path / "data", cfg, "DENTFUSE") as q:
         q.enqueue_many(files, "orthanc", now=0.0)
         report = q.run_once(now=0.0)
-        assert report.delivered == 5, q.jobs()
+        assert report.delivered == 7, q.jobs()
     for p in files:
         sop = str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
-        assert dataset_bytes(world.orthanc.instance_file(sop)) == dataset_bytes(p.read_bytes()), p.name
+        held = world.orthanc.instance_file(sop)
+        assert dataset_bytes(held) == dataset_bytes(p.read_bytes()), p.name
+        assert pydicom.dcmread(io.BytesIO(held)).file_meta.TransferSyntaxUID == \
+            pydicom.dcmread(p).file_meta.TransferSyntaxUID

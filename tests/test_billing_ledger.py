@@ -56,6 +56,12 @@ def _row(conn: sqlite3.Connection, seq: int) -> tuple:
                         (seq,)).fetchone()
 
 
+def test_empty_ledger_verifies(tmp_path: Path) -> None:
+    make_hook(tmp_path / "data").close()
+    res = verify(tmp_path / "data")
+    assert res.exit_code == 0 and "ledger OK: 0 entries" in res.output
+
+
 def test_fresh_ledger_verifies(data_dir: Path) -> None:
     res = verify(data_dir)
     assert res.exit_code == 0, res.output

@@ -27,6 +27,7 @@ from node_support import (
     ct_dataset,
     dataset_sha256,
     dcmtk,
+    dcmtk_env,
     make_ct_series,
     sop_uid_of,
     temp_files,
@@ -53,7 +54,7 @@ def start_node(tmp_path):
 
 
 def run(cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dcmtk_env())
 
 
 def test_echoscu(start_node):

@@ -30,6 +30,7 @@ from node_support import (
     dataset_offset,
     dataset_sha256,
     dcmtk,
+    dcmtk_env,
     make_ct_series,
     scu_associate,
     sop_uid_of,
@@ -240,7 +241,8 @@ def test_concurrent_senders_lose_nothing_and_mix_nothing(node, tmp_path):
             assoc.release()
 
     procs = [subprocess.Popen([storescu, "-aec", "DENTFUSE", "+sd", "127.0.0.1", str(node.port),
-                               str(tmp_path / f"c{t}")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               str(tmp_path / f"c{t}")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=dcmtk_env())
              for t in range(2)]
     with ThreadPoolExecutor(n_threads) as pool:
         statuses = list(pool.map(send, series))

@@ -26,6 +26,7 @@ from node_support import (
     dataset_body,
     dataset_sha256,
     dcmtk,
+    dcmtk_env,
     make_ct_series,
     sop_uid_of,
     stall_store,
@@ -135,7 +136,7 @@ def test_kill_9_mid_series_loses_no_acknowledged_instance(tmp_path):
         assert temp_files(data), "the stalled sender's partial file should be in .incoming"
         sender = subprocess.Popen(
             [storescu, "-v", "-aec", "DFTEST", "+sd", "127.0.0.1", str(port), str(tmp_path / "series")],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dcmtk_env())
         deadline = time.monotonic() + 60
         while len(stored_files(data)) < 25 and time.monotonic() < deadline and sender.poll() is None:
             time.sleep(0.01)
@@ -182,7 +183,7 @@ def test_kill_9_mid_series_loses_no_acknowledged_instance(tmp_path):
         assert index.get(str(big.SOPInstanceUID)) is None
         # the sender can simply re-send the series: the rest arrives, duplicates are no-ops
         r = subprocess.run([storescu, "-aec", "DFTEST", "+sd", "127.0.0.1", str(port2), str(tmp_path / "series")],
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=120, env=dcmtk_env())
         assert r.returncode == 0, r.stderr
         assert index.count() == len(src)
         assert index.series()[0].instance_count == len(src)

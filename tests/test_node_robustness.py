@@ -287,3 +287,33 @@ def test_duplicates_over_the_network(tmp_path, policy):
         assert len(stored_files(n.data_dir)) == 1
     finally:
         n.close()
+
+
+def test_receive_memory_does_not_grow_with_series_size(node, tmp_path):
+    """Chunked receive: the node's peak Python memory for a 4x longer series stays flat
+    (it holds at most one PDU of one instance, never the series)."""
+    import tracemalloc
+
+    storescu = dcmtk("storescu")
+    study, series = generate_uid(UID_ROOT), generate_uid(UID_ROOT)
+    short = make_ct_series(tmp_path / "short", 6, seed=91, rows=512, cols=512, study_uid=study, series_uid=series)
+    long_ = make_ct_series(tmp_path / "long", 24, seed=92, rows=512, cols=512, study_uid=study,
+                           series_uid=series, prefix="l")
+    peaks = []
+    tracemalloc.start()
+    try:
+        for d in (tmp_path / "short", tmp_path / "long"):
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+            r = subprocess.run([storescu, "-aec", "DENTFUSE", "+sd", "127.0.0.1", str(node.port), str(d)],
+                               capture_output=True, text=True, timeout=120, env=dcmtk_env())
+            assert r.returncode == 0, r.stderr
+            peaks.append(tracemalloc.get_traced_memory()[1] - base)
+    finally:
+        tracemalloc.stop()
+    assert node.index.count() == len(short) + len(long_)
+    series_mb = sum(p.stat().st_size for p in long_) / 1e6
+    print(f"peak traced memory: {peaks[0] / 1e6:.1f} MB for {len(short)} instances, "
+          f"{peaks[1] / 1e6:.1f} MB for {len(long_)} ({series_mb:.0f} MB)")
+    assert peaks[1] < peaks[0] * 1.5 + 2e6
+    assert peaks[1] < series_mb * 1e6 / 4

@@ -211,8 +211,11 @@ class ForwardQueue:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.data_dir = Path(data_dir)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
         self.db_path = self.data_dir / DB_NAME
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ForwardError(f"cannot create data directory {self.data_dir}: {exc}") from exc
         self.settings = settings
         self.calling_ae_title = calling_ae_title
         self.timeouts = timeouts
@@ -224,12 +227,19 @@ class ForwardQueue:
         self._owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._db_lock = threading.Lock()
         self._run_lock = threading.Lock()
-        self._conn = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None, check_same_thread=False)
-        self._conn.row_factory = sqlite3.Row
-        with self._db_lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.executescript(_SCHEMA)
+        try:
+            self._conn = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None,
+                                         check_same_thread=False)
+            self._conn.row_factory = sqlite3.Row
+            with self._db_lock:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                self._conn.execute("PRAGMA synchronous=FULL")
+                self._conn.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise ForwardError(
+                f"cannot open the forwarding queue {self.db_path}: {exc}; check that the data directory "
+                "is writable and not full"
+            ) from exc
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()

@@ -196,8 +196,12 @@ def forward_cmd(cfg_opts: dict[str, Any], as_json: bool, destination: str, paths
             index.close()
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     trail = AuditTrail(cfg.data_dir / INDEX_DB)
-    queue = ForwardQueue(cfg.data_dir, cfg.pacs, cfg.node.ae_title, timeouts=_timeouts(cfg), tls=_tls(cfg),
-                         on_sent=audit_sent_to(trail))
+    try:
+        queue = ForwardQueue(cfg.data_dir, cfg.pacs, cfg.node.ae_title, timeouts=_timeouts(cfg), tls=_tls(cfg),
+                             on_sent=audit_sent_to(trail))
+    except ForwardError as exc:
+        trail.close()
+        raise click.ClickException(str(exc)) from None
     try:
         job_ids: list[int] = []
         for f in files:

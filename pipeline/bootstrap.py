@@ -63,6 +63,15 @@ def build_billing(cfg: Config, clock: Callable[[], Any] | None = None) -> Any:
     return BillingHook(Path(cfg.data_dir), b.policy, b.delivery, provider=provider, clock=clock)
 
 
+def _is_dicom_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
 def decision_or_none(billing: Any, fusion_id: str) -> Any | None:
     """The current decision of a fusion, or None when the billing hook has none."""
     try:
@@ -145,7 +154,7 @@ class Finisher:
             p = Path(out.path)
             files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
             for f in files:
-                if f.suffix.lower() not in (".dcm", ""):
+                if not _is_dicom_file(f):  # e.g. the SHA256SUMS manifest of a derived series
                     continue
                 for dest in self.cfg.pacs.destinations:
                     self.forward.enqueue(f, dest.name)

@@ -192,3 +192,20 @@ def test_kill_9_mid_series_loses_no_acknowledged_instance(tmp_path):
     assert code == 0
     print(f"crash test: {len(acked)} acknowledged before kill -9, {partial_before_restart} partial "
           f"temporary file(s) left by the crash and removed at restart")
+
+
+def test_serve_reports_a_busy_port_cleanly(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    for k in list(os.environ):
+        if k.startswith("DENTFUSE_") and k != "DENTFUSE_REQUIRE_PEERS":
+            monkeypatch.delenv(k)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(main, ["serve", "--data-dir", str(tmp_path / "d"), "--port", str(port)])
+    assert result.exit_code == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.output and "Traceback" not in result.output

@@ -192,7 +192,7 @@ class DicomNode:
                  ssl_context: ssl.SSLContext | None = None) -> None:
         self.settings = settings
         self.stability_settings = stability
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir).expanduser().absolute()
         self.on_received = on_received
         self.clock = clock
         try:

@@ -63,7 +63,7 @@ class InstanceStore:
     """
 
     def __init__(self, data_dir: Path) -> None:
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir).expanduser().absolute()  # index paths are absolute
         self.root = self.data_dir / INSTANCES_DIR
         self.incoming_dir = self.root / INCOMING_DIR
         try:

@@ -258,3 +258,13 @@ def test_audit_trail_has_no_patient_names(tmp_path):
         trail.record_transfer("lost", local_ae_title="", peer_ae_title="", peer_address="",
                               study_instance_uid="", patient_key="", succeeded=0)
     assert "TEST^PATIENT" not in (tmp_path / "a.sqlite").read_bytes().decode("latin-1")
+
+
+def test_relative_data_dir_gives_absolute_paths(tmp_path, monkeypatch):
+    (p,) = make_ct_series(tmp_path / "src", 1, seed=8)
+    monkeypatch.chdir(tmp_path)
+    store = InstanceStore(Path("rel"))
+    index = InstanceIndex(Path("rel") / "index.sqlite")
+    rec = ingest_file(p, store, index)
+    assert Path(rec.path).is_absolute() and Path(rec.path).is_file()
+    assert Path(rec.path).is_relative_to(tmp_path / "rel" / "instances")

@@ -235,3 +235,13 @@ def test_cbct_surface_lies_on_the_true_crowns(gt, target_a, upper) -> None:
     signed = np.einsum("ij,ij->i", v[near] - target_a.full.points[k[near]], target_a.full.normals[k[near]])
     assert near.mean() > 0.5
     assert abs(float(np.median(signed))) < 0.05
+
+
+def test_inverted_winding_still_registers(gt, target_a, upper, record_property) -> None:
+    """A scanner exporting inward-facing triangles: the orientation is detected (convexity vote)."""
+    mask = cusp_mask(gt, "U")
+    means, maxes, verdicts, regs = pose_trial(gt, target_a, upper.vertices, upper.faces[:, ::-1], "p1_scan_upper",
+                                              "p1_cbct_a", mask, 2, seed=16)
+    report(record_property, "inverted_winding", means, maxes, verdicts, regs)
+    assert verdicts == ["accepted"] * 2 and maxes.max() < 0.1
+    assert all(r.normal_sign == -1.0 for r in regs)

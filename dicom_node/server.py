@@ -398,6 +398,8 @@ def build_ssl_context(settings: NodeSettings) -> ssl.SSLContext | None:
                 "node.tls_require_client_certificate needs node.tls_ca_certificates (the CA bundle "
                 "that signed the clients' certificates)")
         ctx.verify_mode = ssl.CERT_REQUIRED
+    elif settings.tls_ca_certificates:
+        ctx.verify_mode = ssl.CERT_OPTIONAL  # a presented client certificate must verify
     return ctx
 
 

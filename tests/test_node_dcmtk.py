@@ -228,6 +228,13 @@ def test_tls_with_client_certificates(start_node, tmp_path):
     assert r.returncode == 0, r.stderr
     rejected = node.audit.events("association_rejected")
     assert rejected and all("TLS handshake failed" in e.detail["reason"] for e in rejected)
+    # client certificates optional: an anonymous TLS client is served
+    optional = start_node(data_dir=tmp_path / "optional", tls_certificate=str(pki["server_crt"]),
+                          tls_private_key=str(pki["server_key"]), tls_ca_certificates=str(pki["ca_crt"]))
+    r = run([storescu, "+tla", "+cf", str(pki["ca_crt"]), "-aec", "DENTFUSE", "127.0.0.1",
+             str(optional.port), str(one[0])])
+    assert r.returncode == 0, r.stderr
+    assert optional.index.get(sop_uid_of(one[0])) is not None
 
 
 def _associate(port: int, called: str = "DENTFUSE", calling: str = "SCU"):

@@ -37,13 +37,24 @@ def _human_size(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+def _when(iso: str) -> str:
+    """``2026-11-26T20:57:21.672989+00:00`` -> ``2026-11-26 20:57:21`` (UTC)."""
+    return iso.replace("T", " ")[:19] if iso else ""
+
+
 def _print_table(title: str, columns: list[str], rows: Iterable[Iterable[Any]]) -> None:
+    """A table; UID columns fold, the others stay on one line. Piped output is not
+    squeezed to 80 columns."""
     table = Table(title=title)
     for c in columns:
-        table.add_column(c, overflow="fold")
+        uid_like = c in ("study", "series") or c.endswith("uid")
+        table.add_column(c, overflow="fold" if uid_like else "ellipsis", no_wrap=not uid_like)
     for r in rows:
         table.add_row(*[str(x) for x in r])
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=250)
+    console.print(table)
 
 
 def _destination(cfg: Config, text: str) -> Any:
@@ -103,7 +114,8 @@ def node() -> None:
 @common_options
 def ls_cmd(cfg_opts: dict[str, Any], as_json: bool, level: str, patient_key: str | None,
            study_uid: str | None) -> None:
-    """List patients, studies or series in the index."""
+    """List patients, studies or series in the index (series: their study with --json or
+    --level studies)."""
     cfg = build_config(cfg_opts)
     index = _index(cfg)
     try:
@@ -114,8 +126,8 @@ def ls_cmd(cfg_opts: dict[str, Any], as_json: bool, level: str, patient_key: str
                 return
             _print_table(f"patients in {cfg.data_dir}",
                          ["patient", "studies", "instances", "first received", "last received"],
-                         [(p.patient_key, p.study_count, p.instance_count, p.first_received_at, p.last_received_at)
-                          for p in pats])
+                         [(p.patient_key, p.study_count, p.instance_count, _when(p.first_received_at),
+                           _when(p.last_received_at)) for p in pats])
         elif level == "studies":
             studies = index.studies(patient_key)
             if as_json:
@@ -124,7 +136,8 @@ def ls_cmd(cfg_opts: dict[str, Any], as_json: bool, level: str, patient_key: str
             _print_table(f"studies in {cfg.data_dir}",
                          ["patient", "study", "series", "instances", "size", "first received", "last received"],
                          [(s.patient_key, s.study_instance_uid, s.series_count, s.instance_count,
-                           _human_size(s.size_bytes), s.first_received_at, s.last_received_at) for s in studies])
+                           _human_size(s.size_bytes), _when(s.first_received_at), _when(s.last_received_at))
+                          for s in studies])
         else:
             series = index.series(study_instance_uid=study_uid, patient_key=None if study_uid else patient_key)
             if patient_key and study_uid:
@@ -133,11 +146,11 @@ def ls_cmd(cfg_opts: dict[str, Any], as_json: bool, level: str, patient_key: str
                 emit_json([s.__dict__ for s in series])
                 return
             _print_table(f"series in {cfg.data_dir}",
-                         ["patient", "study", "series", "kind", "modality", "instances", "size",
+                         ["patient", "series", "kind", "modality", "instances", "size",
                           "first received", "last received"],
-                         [(s.patient_key, s.study_instance_uid, s.series_instance_uid, s.kind, s.modality,
-                           s.instance_count, _human_size(s.size_bytes), s.first_received_at, s.last_received_at)
-                          for s in series])
+                         [(s.patient_key, s.series_instance_uid, s.kind, s.modality,
+                           s.instance_count, _human_size(s.size_bytes), _when(s.first_received_at),
+                           _when(s.last_received_at)) for s in series])
     finally:
         index.close()
 
@@ -310,6 +323,8 @@ def retrieve_cmd(cfg_opts: dict[str, Any], as_json: bool, pacs: str, study_uid: 
                  move_destination: str | None, model: str) -> None:
     """Retrieve series from a PACS into our store and index (C-GET or C-MOVE).
 
+    C-MOVE needs the PACS to know our AE title, host and port, and our listener
+    (dentfuse serve) to accept the PACS's AE title (node.allowed_calling_ae_titles).
     Exits with status 1 when an instance the PACS listed was not received.
     """
     from dicom_node.audit import AuditTrail

@@ -79,6 +79,7 @@ CREATE TABLE IF NOT EXISTS instances (
 CREATE INDEX IF NOT EXISTS instances_by_series ON instances(series_instance_uid);
 CREATE INDEX IF NOT EXISTS series_by_study ON series(study_instance_uid);
 CREATE INDEX IF NOT EXISTS studies_by_patient ON studies(patient_key);
+CREATE INDEX IF NOT EXISTS series_by_last_received ON series(last_received_s);
 CREATE TABLE IF NOT EXISTS duplicates (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     sop_instance_uid TEXT NOT NULL,

@@ -43,7 +43,7 @@ Progress = Callable[[str, float], None]
 class VolumeRegistrationParameters:
     """Tunable parameters of :func:`register_volumes` (recorded in the FusionResult)."""
 
-    target_spacing_mm: float = 0.6  # BinShrink both images once to about this spacing
+    target_spacing_mm: float = 0.7  # BinShrink both images once to about this spacing
     coarse_spacing_mm: float = 2.0  # global search resolution
     pyramid_shrink: tuple[int, ...] = (2, 1)  # refinement levels on the shrunk images
     pyramid_sigma_mm: tuple[float, ...] = (1.0, 0.0)
@@ -52,18 +52,20 @@ class VolumeRegistrationParameters:
     final_samples: int = 30000  # samples at the finest level
     average_consistent_runs: bool = True  # average the main and restart solutions when they agree
     average_max_mm: float = 0.5  # ... within this corner displacement
-    coarse_samples: int = 4000
+    coarse_samples: int = 2000
     learning_rate: float = 2.0  # regular-step GD initial step (scaled by physical shift)
     min_step: float = 1e-3
     max_iterations: int = 200
-    coarse_iterations: int = 60
+    coarse_iterations: int = 30
     relaxation: float = 0.6
     rotation_starts_deg: tuple[tuple[float, float, float], ...] = (
         (0, 0, 0), (12, 0, 0), (-12, 0, 0), (0, 12, 0), (0, -12, 0), (0, 0, 12), (0, 0, -12),
     )
+    refine_candidates: int = 2  # distinct global-search candidates refined at the first level
     consistency_starts: int = 2
-    consistency_perturbation_deg: float = 3.0
-    consistency_perturbation_mm: float = 3.0
+    consistency_perturbation_deg: float = 2.0
+    consistency_perturbation_mm: float = 2.0
+    consistency_first_level: int = 1  # restarts run from this pyramid level on (the finest = len-1)
     threads: int = 0  # 0 = SimpleITK default
 
 
@@ -279,6 +281,7 @@ def _run(fixed: sitk.Image, moving: sitk.Image, init: sitk.Euler3DTransform, *, 
     r.SetOptimizerScalesFromPhysicalShift()
     t = sitk.Euler3DTransform(init)
     r.SetInitialTransform(t, inPlace=True)
+    t_start = time.perf_counter()
     try:
         r.Execute(fixed, moving)
     except RuntimeError as exc:
@@ -286,6 +289,9 @@ def _run(fixed: sitk.Image, moving: sitk.Image, init: sitk.Euler3DTransform, *, 
         if "samples" in msg.lower() or "too many samples" in msg.lower() or "outside" in msg.lower():
             return t, 0.0, f"failed: {msg}", 0
         raise RegistrationError(f"SimpleITK registration failed: {msg}") from exc
+    log.debug("run on %s voxels, %d samples: %d iterations, metric %.4f, %.3f s (%s)", fixed.GetSize(), samples,
+              r.GetOptimizerIteration(), r.GetMetricValue(), time.perf_counter() - t_start,
+              r.GetOptimizerStopConditionDescription()[:60])
     return t, float(r.GetMetricValue()), r.GetOptimizerStopConditionDescription(), int(r.GetOptimizerIteration())
 
 
@@ -405,11 +411,13 @@ def register_volumes(
         ml_mask = f_mask if shrink == 1 else sitk.Cast(sitk.BinShrink(f_mask, [shrink] * 3) > 0.5, sitk.sitkUInt8)
         levels.append((fl, ml, ml_mask))
 
-    def refine(start_f2m: np.ndarray, run_seed: int, n_levels: int | None = None) -> tuple[float, np.ndarray, str, int]:
+    def refine(start_f2m: np.ndarray, run_seed: int, first: int = 0, stop_before: int | None = None
+               ) -> tuple[float, np.ndarray, str, int]:
         t = _euler_from_matrix(start_f2m, centre)
         metric, stop, its = 0.0, "not run", 0
-        use = levels[: n_levels or len(levels)]
-        for n, (fl, ml, mk) in enumerate(use):
+        last = len(levels) if stop_before is None else stop_before
+        for n in range(first, last):
+            fl, ml, mk = levels[n]
             samples = params.final_samples if n == len(levels) - 1 else params.metric_samples
             t, metric, stop, its = _run(fl, ml, t, params=params, samples=samples, seed=run_seed,
                                         iterations=params.max_iterations, shrink=(1,), sigmas_mm=(0.0,),
@@ -426,12 +434,15 @@ def register_volumes(
         if any(np.abs(mat - o).max() < 1.0 and np.abs(mat[:3, :3] - o[:3, :3]).max() < 0.02 for o in tried):
             continue
         tried.append(mat)
-        metric, f2m, stop, its = refine(mat, seed)
+        # the distinct candidates compete at the first pyramid level; the winner goes on
+        metric, f2m, stop, its = refine(mat, seed, 0, 1)
         refined.append((metric, f2m, stop, its, label))
-        if len(tried) >= 2:
+        if len(tried) >= params.refine_candidates:
             break
     refined.sort(key=lambda c: c[0])
     best_metric, best_f2m, best_stop, best_its, best_label = refined[0]
+    if len(levels) > 1:
+        best_metric, best_f2m, best_stop, best_its = refine(best_f2m, seed, 1)
     timings["refine"] = time.perf_counter() - t2
     say("refinement", 0.75)
 
@@ -462,7 +473,7 @@ def register_volumes(
             pert[:3, :3] = R
             pert[:3, 3] = box_c - R @ box_c + shift  # rotate about the overlap centre, then shift
             start = best_f2m @ pert
-            _, f2m, _, _ = refine(start, seed + 1 + _)
+            _, f2m, _, _ = refine(start, seed + 1 + _, params.consistency_first_level)
             other = np.linalg.inv(f2m)
             restarts.append(other)
             consistency = max(consistency, max_corner_displacement_mm(moving_to_fixed, other, box))

@@ -20,7 +20,7 @@ import trimesh
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from tests.conftest import REPO_ROOT, require_peer
+from conftest import REPO_ROOT, require_peer
 from test_volumes.generate import CASES, generate_set
 from test_volumes.groundtruth import GroundTruth, GroundTruthError
 

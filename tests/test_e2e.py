@@ -87,7 +87,8 @@ def storescu(port: int, paths: list[Path]) -> None:
     prog = dcmtk("storescu")
     r = subprocess.run([prog, "-aet", "E2E_SCANNER", "-aec", "DENTFUSE", "+sd", "-R",
                         "127.0.0.1", str(port), *map(str, paths)],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "TCP_NODELAY": "1"})  # dcmtk reads it: no Nagle delay
     assert r.returncode == 0, f"storescu failed: {r.stdout[-2000:]} {r.stderr[-2000:]}"
 
 

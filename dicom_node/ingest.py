@@ -248,6 +248,8 @@ def _scan_plain(fh: BinaryIO, size: int, implicit: bool) -> dict[str, str]:
                 ds[tag] = elem  # type: ignore[assignment]
     except InstanceRejected:
         raise
+    except EOFError as exc:  # e.g. encapsulated pixel data without its delimiter
+        raise InstanceRejected(Status.CANNOT_UNDERSTAND_TRUNCATED, f"dataset is truncated ({str(exc)[:200]})")
     except Exception as exc:  # noqa: BLE001 - malformed input from the network
         raise InstanceRejected(Status.CANNOT_UNDERSTAND,
                                f"dataset cannot be parsed ({type(exc).__name__}: {str(exc)[:200]})")

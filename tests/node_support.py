@@ -181,7 +181,7 @@ def scu_associate(port: int, contexts=(CT, MR), calling: str = "FUZZ", called: s
     ae = AE(ae_title=calling)
     ae.add_requested_context(VERIFICATION)
     for c in contexts:
-        for ts in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99"):
+        for ts in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.5"):
             ae.add_requested_context(c, ts)  # one context per syntax, so each is accepted
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
     assoc = ae.associate("127.0.0.1", port, ae_title=called)

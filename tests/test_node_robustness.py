@@ -97,6 +97,10 @@ def _corpus(tmp_path: Path) -> list[tuple[str, Path, set[int]]]:
     pix = body.rfind(b"\xe0\x7f\x10\x00OW")
     body[pix + 8:pix + 12] = struct.pack("<I", 0xFFFFFFF0)  # huge declared pixel data length
     add("huge_pixel_length", ds, body=bytes(body), statuses={Status.CANNOT_UNDERSTAND_TRUNCATED})
+    ds = good(5)
+    ds.compress("1.2.840.10008.1.2.5")  # RLE: encapsulated pixel data, undefined length
+    add("truncated_encapsulated", ds, body=dataset_body(ds)[:-700], ts="1.2.840.10008.1.2.5",
+        statuses={Status.CANNOT_UNDERSTAND_TRUNCATED})
     ds = good(3)
     add("huge_trailing_element", ds, body=dataset_body(ds) + b"\xfc\xff\xfc\xffOB\x00\x00" + struct.pack("<I", 0x7FFFFFF0) + b"xx",
         statuses={Status.CANNOT_UNDERSTAND_TRUNCATED, Status.CANNOT_UNDERSTAND})

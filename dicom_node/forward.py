@@ -39,7 +39,6 @@ from dicom_node.scu import (
     FileUnusableError,
     PacsError,
     PeerRefusedError,
-    PeerUnavailableError,
     Timeouts,
     close,
     describe,

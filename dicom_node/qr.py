@@ -517,14 +517,13 @@ class PacsClient:
             roles.append(build_role(cls, scp_role=True))
         contexts = contexts[:MAX_CONTEXTS]
 
-        received_ok: list[str] = []
         failed_local: list[str] = []
 
         def on_store(event: evt.Event) -> Any:
             rsp = store_handler(event)
             code = int(rsp.Status) if isinstance(rsp, Dataset) else int(rsp)
-            uid = str(event.request.AffectedSOPInstanceUID)
-            (received_ok if status_category(code) in ("success", "warning") else failed_local).append(uid)
+            if status_category(code) not in ("success", "warning"):
+                failed_local.append(str(event.request.AffectedSOPInstanceUID))
             return rsp
 
         final: Dataset | None = None

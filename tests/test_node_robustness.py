@@ -321,3 +321,27 @@ def test_receive_memory_does_not_grow_with_series_size(node, tmp_path):
           f"{peaks[1] / 1e6:.1f} MB for {len(long_)} ({series_mb:.0f} MB)")
     assert peaks[1] < peaks[0] * 1.5 + 2e6
     assert peaks[1] < series_mb * 1e6 / 4
+
+
+def test_disk_full_is_out_of_resources_and_recoverable(node, tmp_path, monkeypatch):
+    import errno
+
+    from dicom_node.errors import StorageError
+
+    (p, q) = make_ct_series(tmp_path / "src", 2, seed=95)
+
+    def full(tmp, final, overwrite=False):
+        raise StorageError(f"cannot store {final.name}: no space") from OSError(errno.ENOSPC, "No space left")
+
+    monkeypatch.setattr(node.store, "commit", full)
+    assoc = scu_associate(node.port)
+    try:
+        assert assoc.send_c_store(dcmread(p)).Status == Status.OUT_OF_RESOURCES_DISK_FULL
+        monkeypatch.undo()
+        assert assoc.send_c_store(dcmread(p)).Status == 0  # the sender's retry succeeds
+        assert assoc.send_c_store(dcmread(q)).Status == 0
+    finally:
+        assoc.release()
+    assert node.index.count() == 2 and temp_files(node.data_dir) == []
+    (failure,) = node.audit.events("store_failed")
+    assert failure.detail["status"] == "0xA701" and "no space" in failure.detail["reason"]

@@ -193,9 +193,14 @@ class BillingHook:
 
     def _prior_claims(self, patient_key: str) -> tuple[rules.PriorClaim, ...]:
         latest: dict[str, BillingDecision] = {}
+        claimed_at: dict[str, str] = {}  # when the fusion first entered the claim track
         for e in self.ledger.entries(kind="decision", patient_key=patient_key):
-            latest[e.fusion_id] = BillingDecision.from_dict(e.event)
-        return tuple(rules.PriorClaim(d.fusion_id, d.input_set_key, d.code or "", d.status, parse_iso(d.decided_at))
+            d = BillingDecision.from_dict(e.event)
+            latest[e.fusion_id] = d
+            if d.status in rules.CLAIM_TRACK:
+                claimed_at.setdefault(e.fusion_id, d.decided_at)
+        return tuple(rules.PriorClaim(d.fusion_id, d.input_set_key, d.code or "", d.status,
+                                      parse_iso(claimed_at[d.fusion_id]))
                      for d in latest.values() if d.status in rules.CLAIM_TRACK and d.code)
 
     # -- deciding ----------------------------------------------------------------------

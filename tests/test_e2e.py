@@ -250,7 +250,8 @@ def test_serve_killed_during_fusion_resumes_it_once(tmp_path: Path, small_set: P
     proc = start_serve(config, log)
     try:
         wait_for("the listener", lambda: listening(port), 60, proc, log)
-        storescu(port, [gt.series_dir("p1_cbct_a"), gt.series_dir("p1_cbct_b")])
+        # one CBCT and the scan: one (surface) fusion job, the quickest to kill and redo
+        storescu(port, [gt.series_dir("p1_cbct_a"), small_set / "p1_scan" / "upper.dcm"])
 
         def registering() -> Any:
             st = status(config)

@@ -132,10 +132,15 @@ class _NodeServer(ThreadedAssociationServer):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             timeout = self.node.settings.network_timeout_s
             if timeout and timeout > 0:
-                # Kernel timeouts (no Python-level poll per recv): a read or write that
-                # makes no progress for network_timeout_s fails and the association aborts.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout))
+                if self.ssl_context is not None:
+                    # Python's ssl retries forever on a kernel timeout (EAGAIN on a
+                    # blocking socket), so TLS sockets use Python-level timeouts.
+                    sock.settimeout(timeout)
+                else:
+                    # Kernel timeouts (no Python-level poll per recv): a read or write that
+                    # makes no progress for network_timeout_s fails; the association aborts.
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout))
         except OSError as exc:
             LOG.warning("cannot set socket options for %s: %s", address, exc)
         if self.ssl_context is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import hashlib
 import io
@@ -177,14 +178,15 @@ def copy_tree(paths: Iterable[Path], dst: Path) -> list[Path]:
     return out
 
 
-def scu_associate(port: int, contexts=(CT, MR), calling: str = "FUZZ", called: str = "DENTFUSE"):
+def scu_associate(port: int, contexts=(CT, MR), calling: str = "FUZZ", called: str = "DENTFUSE",
+                  tls_args=None):
     ae = AE(ae_title=calling)
     ae.add_requested_context(VERIFICATION)
     for c in contexts:
         for ts in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.5"):
             ae.add_requested_context(c, ts)  # one context per syntax, so each is accepted
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called, tls_args=tls_args)
     assert assoc.is_established
     # pynetdicom's SCU leaves Nagle on: ~40 ms per C-STORE on loopback without this
     assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -207,9 +209,10 @@ def dataset_body(ds) -> bytes:
             pos += 8 + struct.unpack("<H", hdr[6:8])[0]
 
 
-def stall_store(port: int, *, mid_pdu: bool, sop_uid: str, body: bytes, called: str = "DENTFUSE"):
+def stall_store(port: int, *, mid_pdu: bool, sop_uid: str, body: bytes, called: str = "DENTFUSE",
+                tls_args=None):
     """Send a C-STORE command and part of its dataset, then go silent."""
-    assoc = scu_associate(port, calling="STALLER", called=called)
+    assoc = scu_associate(port, calling="STALLER", called=called, tls_args=tls_args)
     cx = next(c for c in assoc.accepted_contexts if c.abstract_syntax == CT)
     req = C_STORE()
     req.MessageID = 1
@@ -231,3 +234,56 @@ def stall_store(port: int, *, mid_pdu: bool, sop_uid: str, body: bytes, called: 
         nxt = pdus[len(pdus) // 2]
         sock.sendall(nxt[: len(nxt) // 2])  # header promises more than ever arrives
     return assoc
+
+
+def make_pki(tmp_path: Path) -> dict[str, Path]:
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = dt.datetime.now(dt.timezone.utc)
+    out: dict[str, Path] = {}
+
+    def write_key(name: str, key) -> None:
+        out[name + "_key"] = tmp_path / f"{name}.key"
+        out[name + "_key"].write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption()))
+
+    def write_cert(name: str, cert) -> None:
+        out[name + "_crt"] = tmp_path / f"{name}.crt"
+        out[name + "_crt"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dentfuse test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False,
+                                       data_encipherment=False, key_agreement=False,
+                                       encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    write_key("ca", ca_key)
+    write_cert("ca", ca)
+    for name, usage in (("server", ExtendedKeyUsageOID.SERVER_AUTH), ("client", ExtendedKeyUsageOID.CLIENT_AUTH)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"dentfuse {name}")]))
+                   .issuer_name(ca_name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                   .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
+        if name == "server":
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                             x509.DNSName("localhost")]), critical=False)
+        write_key(name, key)
+        write_cert(name, builder.sign(ca_key, hashes.SHA256()))
+    return out

@@ -3,7 +3,7 @@ transfer syntax, byte-exact), DICOM TLS, and access control at association time.
 
 from __future__ import annotations
 
-import datetime as dt
+import socket
 import subprocess
 import threading
 import time
@@ -29,6 +29,7 @@ from node_support import (
     dcmtk,
     dcmtk_env,
     make_ct_series,
+    make_pki,
     sop_uid_of,
     temp_files,
 )
@@ -148,62 +149,9 @@ def test_storescu_every_transfer_syntax_is_stored_as_received(start_node, tmp_pa
     assert node.index.count() == len(corpus)
 
 
-def _pki(tmp_path: Path) -> dict[str, Path]:
-    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate."""
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = dt.datetime.now(dt.timezone.utc)
-    out: dict[str, Path] = {}
-
-    def write_key(name: str, key) -> None:
-        out[name + "_key"] = tmp_path / f"{name}.key"
-        out[name + "_key"].write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption()))
-
-    def write_cert(name: str, cert) -> None:
-        out[name + "_crt"] = tmp_path / f"{name}.crt"
-        out[name + "_crt"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dentfuse test CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                       content_commitment=False, key_encipherment=False,
-                                       data_encipherment=False, key_agreement=False,
-                                       encipher_only=False, decipher_only=False), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    write_key("ca", ca_key)
-    write_cert("ca", ca)
-    for name, usage in (("server", ExtendedKeyUsageOID.SERVER_AUTH), ("client", ExtendedKeyUsageOID.CLIENT_AUTH)):
-        key = ec.generate_private_key(ec.SECP256R1())
-        builder = (x509.CertificateBuilder()
-                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"dentfuse {name}")]))
-                   .issuer_name(ca_name).public_key(key.public_key())
-                   .serial_number(x509.random_serial_number())
-                   .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                   .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
-        if name == "server":
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                                             x509.DNSName("localhost")]), critical=False)
-        write_key(name, key)
-        write_cert(name, builder.sign(ca_key, hashes.SHA256()))
-    return out
-
-
 def test_tls_with_client_certificates(start_node, tmp_path):
     storescu, echoscu = dcmtk("storescu"), dcmtk("echoscu")
-    pki = _pki(tmp_path)
+    pki = make_pki(tmp_path)
     node = start_node(tls_certificate=str(pki["server_crt"]), tls_private_key=str(pki["server_key"]),
                       tls_ca_certificates=str(pki["ca_crt"]), tls_require_client_certificate=True)
     src = make_ct_series(tmp_path / "tls_series", 5, seed=31)
@@ -228,6 +176,17 @@ def test_tls_with_client_certificates(start_node, tmp_path):
     assert r.returncode == 0, r.stderr
     rejected = node.audit.events("association_rejected")
     assert rejected and all("TLS handshake failed" in e.detail["reason"] for e in rejected)
+    # a client that connects and never speaks TLS does not block anyone and is dropped
+    silent = start_node(data_dir=tmp_path / "silent", tls_certificate=str(pki["server_crt"]),
+                        tls_private_key=str(pki["server_key"]), network_timeout_s=1.0)
+    with socket.create_connection(("127.0.0.1", silent.port)) as mute:
+        r = run([echoscu, "+tla", "+cf", str(pki["ca_crt"]), "-aec", "DENTFUSE", "127.0.0.1",
+                 str(silent.port)])
+        assert r.returncode == 0, r.stderr
+        mute.settimeout(10)
+        t0 = time.monotonic()
+        assert mute.recv(1) == b""  # closed by the node after its network timeout
+        assert time.monotonic() - t0 < 8
     # client certificates optional: an anonymous TLS client is served
     optional = start_node(data_dir=tmp_path / "optional", tls_certificate=str(pki["server_crt"]),
                           tls_private_key=str(pki["server_key"]), tls_ca_certificates=str(pki["ca_crt"]))

@@ -32,6 +32,7 @@ from node_support import (
     dcmtk,
     dcmtk_env,
     make_ct_series,
+    make_pki,
     scu_associate,
     sop_uid_of,
     stall_store,
@@ -345,3 +346,40 @@ def test_disk_full_is_out_of_resources_and_recoverable(node, tmp_path, monkeypat
     assert node.index.count() == 2 and temp_files(node.data_dir) == []
     (failure,) = node.audit.events("store_failed")
     assert failure.detail["status"] == "0xA701" and "no space" in failure.detail["reason"]
+
+
+def test_stalled_tls_sender_is_timed_out_too(tmp_path):
+    """Over TLS the same: a sender silent inside a PDU is aborted, its partial file removed."""
+    import ssl
+
+    pki = make_pki(tmp_path)
+    n = DicomNode(NodeSettings(port=0, network_timeout_s=1.0, tls_certificate=str(pki["server_crt"]),
+                               tls_private_key=str(pki["server_key"])),
+                  StabilitySettings(), tmp_path / "tlsdata")
+    n.start()
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki["ca_crt"]))
+        rng = np.random.default_rng(53)
+        ds = ct_dataset(rng, "DF-STALL", generate_uid(UID_ROOT), generate_uid(UID_ROOT), 0, rows=128, cols=128)
+        assoc = stall_store(n.port, mid_pdu=True, sop_uid=str(ds.SOPInstanceUID), body=dataset_body(ds),
+                            tls_args=(ctx, "127.0.0.1"))
+        try:
+            deadline = time.monotonic() + 15
+            seen_partial = False
+            while time.monotonic() < deadline:
+                seen_partial = seen_partial or bool(temp_files(n.data_dir))
+                if seen_partial and not temp_files(n.data_dir) and not any(
+                        a.requestor.ae_title == "STALLER" for a in n._server.active_associations):
+                    break
+                time.sleep(0.05)
+            assert seen_partial
+            assert temp_files(n.data_dir) == []
+            assert not any(a.requestor.ae_title == "STALLER" for a in n._server.active_associations)
+            assert n.index.get(str(ds.SOPInstanceUID)) is None
+        finally:
+            assoc.abort()
+        ok = scu_associate(n.port, tls_args=(ctx, "127.0.0.1"))
+        assert ok.send_c_echo().Status == 0
+        ok.release()
+    finally:
+        n.close()

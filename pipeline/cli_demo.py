@@ -102,6 +102,11 @@ class DemoRun:
     paths: dict[str, Any]
 
 
+def _side(p: dict[str, Any]) -> str:
+    d = p.get("acquisition_date") or ""
+    return f"{p.get('modality', '?')} {d[:4]}-{d[4:6]}-{d[6:8]}" if len(d) == 8 else str(p.get("modality", "?"))
+
+
 def summarise(app: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """What was received, and each fusion with its quality and decision."""
     received = []
@@ -116,8 +121,9 @@ def summarise(app: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     for job in sorted(app.jobs.list(limit=1000), key=lambda j: j.job_id):
         fid = job.payload.get("fusion_id", "")
         row: dict[str, Any] = {"fusion_id": fid, "rule": job.payload.get("rule", ""), "job_state": job.state,
-                               "fixed": f"{job.payload['fixed']['modality']} {job.payload['fixed']['series_instance_uid']}",
-                               "moving": f"{job.payload['moving']['modality']} {job.payload['moving']['series_instance_uid']}",
+                               "fixed": _side(job.payload["fixed"]), "moving": _side(job.payload["moving"]),
+                               "fixed_series_instance_uid": job.payload["fixed"]["series_instance_uid"],
+                               "moving_series_instance_uid": job.payload["moving"]["series_instance_uid"],
                                "error": job.error, "attempts": job.attempts}
         rfile = app.data_dir / "fusions" / fid / "result.json"
         if rfile.is_file():
@@ -245,22 +251,28 @@ def _quality_text(row: dict[str, Any]) -> str:
 
 def print_run(run: DemoRun, console: Console) -> None:
     t = Table(title="received over DICOM")
-    for c in ("patient", "modality", "kind", "instances", "series UID", "fusion input?"):
-        t.add_column(c)
+    for c in ("patient", "modality", "kind", "instances"):
+        t.add_column(c, no_wrap=True)
+    t.add_column("series UID", overflow="fold")
+    t.add_column("fusion input?", overflow="fold")
     for r in run.received:
         t.add_row(r["patient_key"], r["modality"], r["kind"], str(r["instances"]), r["series_instance_uid"],
                   "yes" if r["planner"] == "input" else r["planner"])
     console.print(t)
     t = Table(title="fusions")
-    for c in ("fusion", "rule", "fixed", "moving", "verdict", "quality (measured vs threshold)"):
-        t.add_column(c)
+    for c in ("fusion", "rule", "fixed", "moving", "verdict"):
+        t.add_column(c, no_wrap=True)
+    t.add_column("quality (measured vs threshold)", overflow="fold")
     for f in run.fusions:
         t.add_row(f["fusion_id"], f["rule"], f["fixed"], f["moving"],
                   f.get("verdict", f["job_state"] + (f": {f['error']}" if f["error"] else "")), _quality_text(f))
     console.print(t)
     t = Table(title="D0395 decisions")
-    for c in ("fusion", "code", "status", "reasons", "companions suggested", "report"):
-        t.add_column(c)
+    for c in ("fusion", "code", "status"):
+        t.add_column(c, no_wrap=True)
+    t.add_column("reasons", overflow="fold")
+    t.add_column("companions suggested")
+    t.add_column("report", no_wrap=True)
     for f in run.fusions:
         if "status" not in f:
             continue

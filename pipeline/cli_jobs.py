@@ -291,8 +291,10 @@ def status(cfg_opts: dict[str, Any], as_json: bool, limit: int) -> None:
     console = Console()
     console.print(f"data directory: {st['data_dir']}")
     t = Table(title="received series")
-    for col in ("patient", "series UID", "kind", "modality", "instances", "stable"):
-        t.add_column(col)
+    t.add_column("patient", no_wrap=True)
+    t.add_column("series UID", overflow="fold")
+    for col in ("kind", "modality", "instances", "stable"):
+        t.add_column(col, no_wrap=True)
     for s in st["series"]:
         t.add_row(s["patient_key"], s["series_instance_uid"], s["kind"], s["modality"], str(s["instances"]),
                   "yes" if s["stable"] else "waiting")
@@ -300,20 +302,22 @@ def status(cfg_opts: dict[str, Any], as_json: bool, limit: int) -> None:
     c = st["jobs"]["counts"]
     console.print("jobs: " + (", ".join(f"{k} {v}" for k, v in c.items()) if c else "none"))
     t = Table(title="fusion jobs")
-    for col in ("job", "fusion", "rule", "state", "stage", "attempts", "verdict", "error"):
-        t.add_column(col)
+    for col in ("job", "fusion", "rule", "state", "stage", "tries", "verdict"):
+        t.add_column(col, no_wrap=True)
+    t.add_column("error", overflow="fold")
     for j in st["jobs"]["recent"]:
         t.add_row(str(j["job_id"]), j["fusion_id"], j["rule"], j["state"],
                   j["stage"] + (f" {int(j['progress'] * 100)}%" if j["state"] == "running" else ""),
-                  f"{j['attempts']}/{j['max_attempts']}", j["verdict"], j["error"][:80])
+                  f"{j['attempts']}/{j['max_attempts']}", j["verdict"], j["error"][:160])
     console.print(t)
     if st["fusions"]:
-        t = Table(title="decisions")
-        for col in ("fusion", "patient", "verdict", "code", "status", "report", "reasons"):
-            t.add_column(col)
+        t = Table(title="D0395 decisions")
+        for col in ("fusion", "code", "status", "report"):
+            t.add_column(col, no_wrap=True)
+        t.add_column("first reason", overflow="fold")
         for f in st["fusions"]:
-            t.add_row(f["fusion_id"], f["patient_key"], f["verdict"], f["code"] or "-", f["status"],
-                      f["report_id"] or "-", "; ".join(f["reasons"])[:120])
+            t.add_row(f["fusion_id"], f["code"] or "-", f["status"], f["report_id"] or "-",
+                      (f["reasons"][0] if f["reasons"] else "")[:160])
         console.print(t)
     if st["outbox"]:
         console.print("claim outbox: " + ", ".join(f"{k} {v}" for k, v in st["outbox"].items()))

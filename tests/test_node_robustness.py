@@ -383,3 +383,22 @@ def test_stalled_tls_sender_is_timed_out_too(tmp_path):
         ok.release()
     finally:
         n.close()
+
+
+def test_silent_connection_is_closed_after_the_acse_timeout(tmp_path):
+    import socket as _socket
+
+    n = DicomNode(NodeSettings(port=0, acse_timeout_s=1.0, network_timeout_s=1.0), StabilitySettings(),
+                  tmp_path / "quiet")
+    n.start()
+    try:
+        with _socket.create_connection(("127.0.0.1", n.port)) as mute:
+            a = scu_associate(n.port)  # others are served meanwhile
+            assert a.send_c_echo().Status == 0
+            a.release()
+            mute.settimeout(10)
+            t0 = time.monotonic()
+            assert mute.recv(1) == b""
+            assert time.monotonic() - t0 < 8
+    finally:
+        n.close()

@@ -82,6 +82,24 @@ def decision_or_none(billing: Any, fusion_id: str) -> Any | None:
         raise
 
 
+def job_spec_for(cfg: Config, inventory: IndexInventory, plan: PlannedFusion) -> JobSpec:
+    """The job of a planned fusion: its inputs' files, gate thresholds, seed and operator."""
+    gate = cfg.fusion.surface_gate if plan.kind == "surface" else cfg.fusion.volume_gate
+    aets = inventory.calling_ae_titles(plan.moving.series_instance_uid) or ["dentfuse"]
+
+    def side(s: Any) -> dict[str, Any]:
+        return {"series_instance_uid": s.series_instance_uid, "study_instance_uid": s.study_instance_uid,
+                "modality": s.modality, "kind": s.kind, "acquisition_date": s.acquisition_date,
+                "paths": list(s.paths)}
+
+    payload = {
+        "kind": plan.kind, "rule": plan.rule, "fusion_id": plan.fusion_id, "purpose": plan.purpose,
+        "seed": cfg.fusion.seed, "operator": aets[0], "gate": dataclasses.asdict(gate),
+        "fixed": side(plan.fixed), "moving": side(plan.moving), "notes": list(plan.notes),
+    }
+    return JobSpec(key=plan.key, kind=plan.kind, patient_key=plan.patient_key, payload=payload)
+
+
 class Finisher:
     """What happens after a fusion was computed, in the serving process: the billing
     decision, the report (and its next version once documented), forwarding of accepted
@@ -409,20 +427,7 @@ class App:
         return explain_series(patient_key, self.inventory.stable_series(patient_key))
 
     def job_spec(self, plan: PlannedFusion) -> JobSpec:
-        gate = self.cfg.fusion.surface_gate if plan.kind == "surface" else self.cfg.fusion.volume_gate
-        aets = self.inventory.calling_ae_titles(plan.moving.series_instance_uid) or ["dentfuse"]
-
-        def side(s: Any) -> dict[str, Any]:
-            return {"series_instance_uid": s.series_instance_uid, "study_instance_uid": s.study_instance_uid,
-                    "modality": s.modality, "kind": s.kind, "acquisition_date": s.acquisition_date,
-                    "paths": list(s.paths)}
-
-        payload = {
-            "kind": plan.kind, "rule": plan.rule, "fusion_id": plan.fusion_id, "purpose": plan.purpose,
-            "seed": self.cfg.fusion.seed, "operator": aets[0], "gate": dataclasses.asdict(gate),
-            "fixed": side(plan.fixed), "moving": side(plan.moving), "notes": list(plan.notes),
-        }
-        return JobSpec(key=plan.key, kind=plan.kind, patient_key=plan.patient_key, payload=payload)
+        return job_spec_for(self.cfg, self.inventory, plan)
 
     # -- after a fusion (delegated to the Finisher) -----------------------------------------
     def finalize(self, job: Job, result: Any, stage: Callable[[str], None]) -> str:

@@ -21,6 +21,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "import": "pipeline.cli_jobs:import_cmd",
     "fuse": "pipeline.cli_fuse:fuse",
     "status": "pipeline.cli_jobs:status",
+    "plan": "pipeline.cli_jobs:plan",
     "events": "pipeline.cli_billing:events",
     "ledger": "pipeline.cli_billing:ledger",
     "document": "pipeline.cli_billing:document",

@@ -322,3 +322,115 @@ def status(cfg_opts: dict[str, Any], as_json: bool, limit: int) -> None:
     if st["outbox"]:
         console.print("claim outbox: " + ", ".join(f"{k} {v}" for k, v in st["outbox"].items()))
     console.print("PACS forwarding: " + ", ".join(f"{k} {v}" for k, v in st["forward"].items()))
+
+
+# ------------------------------------------------------------------------------ plan
+def plan_for_patient(cfg: Config, patient_key: str, *, include_unstable: bool = False) -> list[dict[str, Any]]:
+    """Plan (enqueue) the fusions of one patient from the index, as the serving planner
+    would; returns the planned jobs (new or already known). Idempotent."""
+    import dataclasses
+
+    from dicom_node.index import InstanceIndex
+    from dicom_node.server import INDEX_FILE
+    from dicom_node.stability import StabilityMonitor
+    from pipeline.bootstrap import job_spec_for, open_job_queue
+    from pipeline.inventory import IndexInventory
+    from pipeline.planner import FusionPlanRules, plan_fusions
+
+    idx_path = Path(cfg.data_dir) / INDEX_FILE
+    if not idx_path.is_file():
+        raise click.ClickException(f"{cfg.data_dir} has no index yet; receive or import the patient's series first")
+    index = InstanceIndex(idx_path)
+    monitor = StabilityMonitor(idx_path, cfg.stability)
+    queue = open_job_queue(cfg)
+    try:
+        inventory = IndexInventory(index, monitor, require_stable=not include_unstable)
+        series = inventory.stable_series(patient_key)
+        if not series:
+            known = sorted({s.patient_key for s in index.series()})
+            raise click.ClickException(
+                f"no {'' if include_unstable else 'stable '}series for patient {patient_key!r} in {cfg.data_dir}"
+                f" (patients: {', '.join(known) or 'none'}); use ID^ISSUER as `dentfuse status` shows it"
+                + ("" if include_unstable else ", or --include-unstable"))
+        rules = FusionPlanRules.from_settings(cfg.fusion)
+        out = []
+        for plan in plan_fusions(patient_key, series, rules):
+            job, created = queue.enqueue(job_spec_for(cfg, inventory, plan))
+            out.append({"job_id": job.job_id, "fusion_id": plan.fusion_id, "rule": plan.rule, "state": job.state,
+                        "created": created, "fixed": plan.fixed.series_instance_uid,
+                        "moving": plan.moving.series_instance_uid})
+        return out
+    finally:
+        queue.close()
+        monitor.close()
+        index.close()
+
+
+def run_jobs(cfg: Config, job_ids: list[int], timeout_s: float = 3600.0) -> list[dict[str, Any]]:
+    """Run the given jobs here (worker processes + decision, report, PACS queueing) and wait."""
+    from pipeline.bootstrap import Finisher, build_billing, fusions_dir, open_job_queue
+    from pipeline.worker import WorkerPool
+
+    queue = open_job_queue(cfg)
+    billing = build_billing(cfg)
+    forward = None
+    if cfg.pacs.destinations:
+        from dicom_node.forward import ForwardQueue
+
+        forward = ForwardQueue(cfg.data_dir, cfg.pacs, cfg.node.ae_title)
+    pool = WorkerPool(queue, fusions_dir(Path(cfg.data_dir)), Finisher(cfg, billing, forward).finalize,
+                      workers=cfg.fusion.workers, poll_s=0.2)
+    pool.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            jobs = [queue.get(j) for j in job_ids]
+            if all(j is not None and j.state in ("done", "failed", "needs_review") for j in jobs):
+                break
+            time.sleep(0.2)
+    finally:
+        pool.stop()
+        billing.close()
+        if forward is not None:
+            forward.close()
+    res = []
+    for j in job_ids:
+        job = queue.get(j)
+        if job is not None:
+            res.append({"job_id": job.job_id, "fusion_id": job.payload.get("fusion_id"), "rule": job.payload.get("rule"),
+                        "state": job.state, "verdict": job.result.get("verdict", ""), "error": job.error})
+    queue.close()
+    return res
+
+
+@click.command("plan")
+@common_options
+@click.argument("patient")
+@click.option("--run", "run_now", is_flag=True, help="Run the fusions here and wait (else a running `dentfuse serve` runs them).")
+@click.option("--include-unstable", is_flag=True, help="Also use series still inside their quiet period.")
+def plan(cfg_opts: dict[str, Any], as_json: bool, patient: str, run_now: bool, include_unstable: bool) -> None:
+    """Plan the fusions of one PATIENT (ID or ID^ISSUER) from what the index holds.
+
+    The same rules as `dentfuse serve` (fusion.plan_*); already planned pairs are not planned
+    again. With --run, the fusions, decisions and reports are made in this process."""
+    cfg = build_config(cfg_opts)
+    planned = plan_for_patient(cfg, patient, include_unstable=include_unstable)
+    ran = run_jobs(cfg, [p["job_id"] for p in planned]) if run_now and planned else []
+    if as_json:
+        emit_json({"planned": planned, "ran": ran})
+        return
+    console = Console()
+    if not planned:
+        console.print(f"nothing to fuse for {patient}: it needs two 3D inputs that a rule pairs "
+                      "(CBCT + scan, CBCT + CBCT, CBCT + MR)")
+        return
+    t = Table(title=f"fusions planned for {patient}")
+    for col in ("job", "fusion", "rule", "new?", "state"):
+        t.add_column(col, no_wrap=True)
+    states = {r["job_id"]: r for r in ran}
+    for p in planned:
+        r = states.get(p["job_id"])
+        t.add_row(str(p["job_id"]), p["fusion_id"], p["rule"], "yes" if p["created"] else "known",
+                  (r["state"] + (f" {r['verdict']}" if r["verdict"] else "") + (f": {r['error']}" if r["error"] else ""))
+                  if r else p["state"])
+    console.print(t)

@@ -60,16 +60,19 @@ def pixel_fingerprint(paths: list[str]) -> tuple[str, dict[str, str]]:
 class IndexInventory:
     """:class:`pipeline.planner.Inventory` over the node's index and stability monitor."""
 
-    def __init__(self, index: Any, stability: Any) -> None:
+    def __init__(self, index: Any, stability: Any, *, require_stable: bool = True) -> None:
         self.index = index
         self.stability = stability
+        self.require_stable = require_stable
         self._cache: dict[tuple[str, str], tuple[str, dict[str, str]]] = {}
         self._lock = threading.Lock()
 
     def stable_series(self, patient_key: str) -> list[SeriesInfo]:
         out: list[SeriesInfo] = []
         for s in self.index.series(patient_key=patient_key):
-            if s.patient_key != patient_key or not self.stability.is_stable(s.series_instance_uid):
+            if s.patient_key != patient_key:
+                continue
+            if self.require_stable and not self.stability.is_stable(s.series_instance_uid):
                 continue
             out.append(self.describe(s))
         return out

@@ -244,3 +244,38 @@ def test_planning_waits_until_every_series_of_the_patient_is_stable(tmp_path: Pa
         assert app.node.stability_monitor.pending_events() == []
     finally:
         app.close()
+
+
+@pytest.mark.slow
+def test_plan_and_run_a_patient_from_imported_files(tmp_path: Path, cfg: Any, small_set: Path) -> None:
+    """`dentfuse import` + `dentfuse plan PATIENT --run`: real fusion, billing and report."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+    from pipeline.cli_jobs import plan_for_patient
+
+    import_paths(cfg, [small_set / "p1_cbct_a", small_set / "p1_scan" / "upper.dcm", small_set / "p1_pano"])
+    patient = "DF-0001^DENTFUSE-SIM"
+    with pytest.raises(Exception, match="no stable series"):
+        plan_for_patient(cfg, patient)  # nothing announced stable yet (no serve ran)
+    with pytest.raises(Exception, match="patients: DF-0001"):
+        plan_for_patient(cfg, "DF-0404", include_unstable=True)
+    r = CliRunner().invoke(main, ["plan", patient, "--include-unstable", "--run", "--json",
+                                  "--data-dir", str(cfg.data_dir)])
+    assert r.exit_code == 0, r.output
+    out = __import__("json").loads(r.output)
+    (planned,) = out["planned"]
+    assert planned["rule"] == "cbct_scan" and planned["created"]
+    (ran,) = out["ran"]
+    assert ran["state"] == "done" and ran["verdict"] == "accepted", ran
+    from pipeline.bootstrap import build_billing
+
+    billing = build_billing(cfg)
+    try:
+        d = billing.decision(ran["fusion_id"])
+        assert d.code == "D0395" and d.status == "needs_documentation" and d.report_id == ran["fusion_id"] + "-R1"
+    finally:
+        billing.close()
+    # planning again finds the same job
+    again = plan_for_patient(cfg, patient, include_unstable=True)
+    assert [(p["job_id"], p["created"], p["state"]) for p in again] == [(planned["job_id"], False, "done")]

@@ -268,7 +268,7 @@ def prepare_target(surface: CbctSurface, *, coarse_voxel_mm: float = 1.5, featur
         raise RegistrationError(f"CBCT teeth surface has only {len(pts)} vertices; nothing to register to")
     usable = ~np.asarray(surface.near_metal, dtype=bool)
     full = SurfaceLevel.from_points(pts, nrm)
-    fine = SurfaceLevel.from_points(pts[usable], nrm[usable]) if usable.sum() >= 50 else full
+    fine = SurfaceLevel.from_points(pts[usable], nrm[usable]) if 50 <= usable.sum() < len(pts) else full
     mp, mn = voxel_downsample(pts, nrm, mid_voxel_mm)
     cp, cn = voxel_downsample(pts, nrm, coarse_voxel_mm)
     feat = fpfh(cp, cn, feature_radius_mm)

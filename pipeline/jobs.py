@@ -127,6 +127,9 @@ class JobQueue(Protocol):
     def fail(self, job_id: int, owner: str, error: str, retry: bool = True) -> Job:
         """Record an error; re-queue while attempts remain and ``retry``, else ``failed``."""
 
+    def release(self, job_id: int, owner: str, reason: str) -> Job:
+        """Give a job back to the queue without counting the attempt (e.g. shutdown)."""
+
     def get(self, job_id: int) -> Job | None: ...
 
     def get_by_key(self, key: str) -> Job | None: ...
@@ -367,6 +370,20 @@ class SqliteJobQueue:
             " updated_at=? WHERE job_id=?",
             (state, stage, json.dumps(stages), error, finished, now, job.job_id),
         )
+
+    def release(self, job_id: int, owner: str, reason: str) -> Job:
+        now = self._clock()
+        with self._tx() as db:
+            job = self._held(db, job_id, owner)
+            stages = [list(x) for x in job.stages] + [["queued (released)", now]]
+            db.execute(
+                "UPDATE jobs SET state='queued', owner='', lease_until=0, attempts=MAX(attempts-1, 0),"
+                " stage='queued (released)', stages=?, error=?, updated_at=? WHERE job_id=?",
+                (json.dumps(stages), reason, now, job_id),
+            )
+            out = self._get(db, job_id)
+        assert out is not None
+        return out
 
     def errors(self, job_id: int) -> list[tuple[int, str, float]]:
         """Every recorded error of a job: (attempt, error, time)."""

@@ -384,8 +384,8 @@ class WorkerPool:
         else:
             outcome = self._run_child(job, owner, out_dir)
             if self._stop.is_set() and not outcome.ok:
-                # shutting down: the job goes back to the queue for the next start
-                return self.queue.fail(job.job_id, owner, "stopped by shutdown before it finished")
+                # shutting down: the job goes back to the queue for the next start (no attempt used)
+                return self.queue.release(job.job_id, owner, "stopped by shutdown before it finished")
             if not outcome.ok:
                 log.warning("job %s (fusion %s) failed: %s", job.job_id, fusion_id, outcome.error)
                 return self.queue.fail(job.job_id, owner, outcome.error, retry=not outcome.permanent)

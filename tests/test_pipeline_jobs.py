@@ -156,3 +156,14 @@ def test_concurrent_claims_from_processes_never_share_a_job(tmp_path: Path) -> N
         p.join(timeout=30)
     assert sorted(ids) == sorted(j.job_id for j in q.list(limit=100))
     assert len(set(ids)) == 40
+
+
+def test_release_gives_the_job_back_without_using_an_attempt(tmp_path: Path) -> None:
+    q = SqliteJobQueue(tmp_path / "jobs.sqlite3", max_attempts=1)
+    q.enqueue(spec())
+    j = q.claim("w", 30)
+    assert j is not None and j.attempts == 1
+    back = q.release(j.job_id, "w", "shutdown")
+    assert back.state == "queued" and back.attempts == 0 and back.error == "shutdown"
+    again = q.claim("w", 30)
+    assert again is not None and again.attempts == 1  # still allowed its one attempt

@@ -166,3 +166,4 @@ def test_stop_kills_running_child_and_job_returns_to_queue(tmp_path: Path) -> No
     assert time.monotonic() - t0 < 15
     job = q.get_by_key("slow")
     assert job is not None and job.state == "queued" and fin.calls == []
+    assert job.attempts == 0 and "stopped by shutdown" in job.error  # a shutdown uses no attempt

@@ -289,7 +289,8 @@ def status(cfg_opts: dict[str, Any], as_json: bool, limit: int) -> None:
         emit_json(st)
         return
     console = Console()
-    console.print(f"data directory: {st['data_dir']}")
+    exists = Path(st["data_dir"]).is_dir()
+    console.print(f"data directory: {st['data_dir']}" + ("" if exists else " (does not exist: nothing received yet)"))
     t = Table(title="received series")
     t.add_column("patient", no_wrap=True)
     t.add_column("series UID", overflow="fold")

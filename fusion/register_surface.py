@@ -616,7 +616,7 @@ def register_surface(
         timings["total"] = time.perf_counter() - t0
         log.info("surface registration: no consistent global hypothesis (scan and CBCT share no shape)")
         return SurfaceRegistration(
-            matrix=np.eye(4), inlier_fraction=0.0, inlier_rms_mm=float("inf"), n_inliers=0, n_points=len(fine_p),
+            matrix=np.eye(4), inlier_fraction=0.0, inlier_rms_mm=gate.inlier_distance_mm, n_inliers=0, n_points=len(fine_p),
             second_inlier_fraction=0.0, hypothesis_margin=0.0, n_hypotheses=0, normal_sign=sign, iterations=iters,
             timings_s=timings, parameters={"coarse_voxel_mm": cv, "feature_radius_mm": target.feature_radius_mm},
         )
@@ -637,6 +637,9 @@ def register_surface(
     # the margin compares like with like (same samples, same refinement depth)
     margin = best.inlier_fraction - second
     timings["total"] = time.perf_counter() - t0
+    if st.n_inliers == 0:
+        # no inliers: the RMS is undefined; report the cut-off (the worst an inlier can be)
+        st = InlierStats(0.0, gate.inlier_distance_mm, 0, st.n_points)
     log.info(
         "surface registration: inlier fraction %.3f (rms %.3f mm), second %.3f, %d hypotheses, %.2f s",
         st.fraction, st.rms_mm, second, len(hyps), timings["total"],
@@ -671,8 +674,9 @@ def evaluate_gate(reg: SurfaceRegistration, gate: SurfaceGateThresholds) -> tupl
                      reg.inlier_fraction >= gate.min_inlier_fraction, "reject",
                      f"share of scan points within {gate.inlier_distance_mm} mm of the CBCT crown surface with agreeing normals"),
         QualityCheck("inlier_rms_mm", reg.inlier_rms_mm, gate.max_inlier_rms_mm, "<=",
-                     reg.inlier_rms_mm <= gate.max_inlier_rms_mm, "reject",
-                     "RMS distance of the inlier scan points to the CBCT crown surface"),
+                     reg.n_inliers > 0 and reg.inlier_rms_mm <= gate.max_inlier_rms_mm, "reject",
+                     "RMS distance of the inlier scan points to the CBCT crown surface "
+                     "(the inlier cut-off when there is no inlier)"),
         QualityCheck("inlier_fraction_review", reg.inlier_fraction, gate.review_inlier_fraction, ">=",
                      reg.inlier_fraction >= gate.review_inlier_fraction, "review",
                      "a low but not rejectable share of matching scan points"),

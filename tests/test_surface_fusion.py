@@ -156,3 +156,63 @@ def test_rejected_fusion_writes_no_dicom(small_set: Path, tmp_path: Path) -> Non
 def test_volume_without_teeth_is_an_input_error(small_set: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="p1_pano|2D|volume|projection"):
         fuse_surface([small_set / "p1_pano"], small_set / "p1_scan" / "upper.stl", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------
+# dentfuse fuse CBCT_FOLDER SCAN_FILE --out DIR
+
+
+@pytest.fixture()
+def cli(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    for k in list(__import__("os").environ):
+        if k.startswith("DENTFUSE_"):
+            monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("DENTFUSE_DATA_DIR", str(tmp_path / "data"))
+    return CliRunner()
+
+
+def test_cli_fuse_scan_accepted_json(small_set: Path, gt: GroundTruth, cli, tmp_path: Path) -> None:
+    from pipeline.cli import main
+    from pipeline.cli_fuse import EXIT_ACCEPTED
+
+    out = tmp_path / "out"
+    res = cli.invoke(main, ["fuse", str(small_set / "p1_cbct_a"), str(small_set / "p1_scan" / "upper.ply"),
+                            "--out", str(out), "--json", "--operator", "tech2"])
+    assert res.exit_code == EXIT_ACCEPTED, res.output
+    doc = json.loads((out / "fusion.json").read_text())
+    assert json.loads(res.stdout)["fusion_id"] == doc["fusion_id"]
+    assert doc["verdict"] == "accepted" and doc["operator"] == "tech2" and doc["method"].startswith("surface")
+    assert cusp_tre(gt, np.array(doc["transform_moving_to_fixed"])).max() < 0.1
+    assert (out / "scan_in_cbct.dcm").is_file() and (out / "registration.dcm").is_file()
+
+
+def test_cli_fuse_scan_gate_from_config_and_exit_codes(small_set: Path, cli, tmp_path: Path) -> None:
+    from pipeline.cli import main
+    from pipeline.cli_fuse import EXIT_INPUT_ERROR, EXIT_NEEDS_REVIEW, EXIT_REJECTED
+
+    cfg = tmp_path / "dentfuse.toml"
+    # a review threshold no scan with gingiva can meet
+    cfg.write_text("[fusion.surface_gate]\nreview_inlier_fraction = 0.99\n")
+    res = cli.invoke(main, ["fuse", str(small_set / "p1_cbct_a"), str(small_set / "p1_scan" / "upper.dcm"),
+                            "--out", str(tmp_path / "review"), "--config", str(cfg)])
+    assert res.exit_code == EXIT_NEEDS_REVIEW, res.output
+    doc = json.loads((tmp_path / "review" / "fusion.json").read_text())
+    assert doc["parameters"]["gate"]["review_inlier_fraction"] == 0.99
+    assert any("inlier_fraction_review" in r for r in doc["reasons"])
+    # not teeth -> rejected, exit 3
+    box = trimesh.creation.box(extents=(50.0, 40.0, 15.0)).subdivide().subdivide()
+    box.export(tmp_path / "box.stl")
+    res = cli.invoke(main, ["fuse", str(small_set / "p1_cbct_a"), str(tmp_path / "box.stl"),
+                            "--out", str(tmp_path / "rej"), "--json"])
+    assert res.exit_code == EXIT_REJECTED, res.output
+    assert json.loads((tmp_path / "rej" / "fusion.json").read_text())["verdict"] == "rejected"
+    # a scan in metres -> input error naming the file
+    m = trimesh.load_mesh(small_set / "p1_scan" / "upper.stl")
+    m.apply_scale(0.001)
+    m.export(tmp_path / "metres.stl")
+    res = cli.invoke(main, ["fuse", str(small_set / "p1_cbct_a"), str(tmp_path / "metres.stl"),
+                            "--out", str(tmp_path / "bad")])
+    assert res.exit_code == EXIT_INPUT_ERROR
+    assert "metres.stl" in res.output and "ScanUnitsError" in res.output

@@ -127,6 +127,10 @@ def import_paths(cfg: Config, paths: list[Path], *, patient_id: str | None = Non
     from dicom_node.server import INDEX_FILE
     from dicom_node.storage import InstanceStore
 
+    files = list(iter_inputs(paths))
+    # every scan needs its patient: check them all before importing anything
+    identities = {f: mesh_identity(f, patient_id, issuer, study_uid, patient_name)
+                  for f in files if f.suffix.lower() in MESH_SUFFIXES}
     data_dir = Path(cfg.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     store = InstanceStore(data_dir)
@@ -135,11 +139,10 @@ def import_paths(cfg: Config, paths: list[Path], *, patient_id: str | None = Non
     skipped: list[dict[str, str]] = []
     try:
         with tempfile.TemporaryDirectory(prefix="dentfuse-import-") as tmp:
-            for f in iter_inputs(paths):
+            for f in files:
                 src = f
-                if f.suffix.lower() in MESH_SUFFIXES:
-                    ident = mesh_identity(f, patient_id, issuer, study_uid, patient_name)
-                    src = wrap_mesh(f, ident, Path(tmp))
+                if f in identities:
+                    src = wrap_mesh(f, identities[f], Path(tmp))
                 elif f.suffix.lower() == ".json" or not is_dicom_file(f):
                     if f.suffix.lower() != ".json":
                         skipped.append({"path": str(f), "reason": "neither a DICOM Part 10 file nor a STL/PLY/OBJ scan"})

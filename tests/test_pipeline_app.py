@@ -203,7 +203,8 @@ def test_import_scan_with_sidecar_and_flags(tmp_path: Path, cfg: Any, small_set:
     scan.parent.mkdir()
     shutil.copy(small_set / "p1_scan" / "upper.stl", scan)
     with pytest.raises(ImportProblem, match="no patient for this scan"):
-        import_paths(cfg, [scan])
+        import_paths(cfg, [small_set / "p1_pano", scan])
+    assert not (cfg.data_dir / "index.sqlite").exists()  # nothing imported half-way
     (tmp_path / "scans" / "upper.stl.json").write_text(json.dumps(
         {"patient_id": "DF-0001", "issuer_of_patient_id": "DENTFUSE-SIM", "study_date": "20250125"}))
     summary = import_paths(cfg, [scan.parent])  # the sidecar itself is not reported as skipped

@@ -249,12 +249,17 @@ def average_rigid(transforms: list[np.ndarray], box: np.ndarray) -> np.ndarray:
 
 # ---- registration ------------------------------------------------------------------
 
+def _sitk_seed(seed: int) -> int:
+    """SimpleITK treats seed 0 as "wall clock" (non-reproducible): shift every seed by one."""
+    return int(seed) % (2**31 - 2) + 1
+
+
 def _method(params: VolumeRegistrationParameters, samples: int, seed: int, iterations: int,
             fixed_mask: sitk.Image | None, learning_rate: float) -> sitk.ImageRegistrationMethod:
     r = sitk.ImageRegistrationMethod()
     r.SetMetricAsMattesMutualInformation(numberOfHistogramBins=params.histogram_bins)
     r.SetMetricSamplingStrategy(r.RANDOM)
-    r.SetMetricSamplingPercentage(1.0, seed)  # replaced below by a fixed count
+    r.SetMetricSamplingPercentage(1.0, _sitk_seed(seed))  # replaced below by a fixed count
     r.SetInterpolator(sitk.sitkLinear)
     # gradients by central differences at the sample points, not a full gradient image per run
     r.SetMetricUseFixedImageGradientFilter(False)
@@ -274,7 +279,7 @@ def _run(fixed: sitk.Image, moving: sitk.Image, init: sitk.Euler3DTransform, *, 
     # a fixed number of samples at the finest level of this run
     pct = min(1.0, samples / max(1, n_vox))
     r = _method(params, samples, seed, iterations, fixed_mask, learning_rate)
-    r.SetMetricSamplingPercentagePerLevel([min(1.0, pct * (s ** 3)) for s in shrink], seed)
+    r.SetMetricSamplingPercentagePerLevel([min(1.0, pct * (s ** 3)) for s in shrink], _sitk_seed(seed))
     r.SetShrinkFactorsPerLevel(list(shrink))
     r.SetSmoothingSigmasPerLevel(list(sigmas_mm))
     r.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
@@ -298,7 +303,7 @@ def _run(fixed: sitk.Image, moving: sitk.Image, init: sitk.Euler3DTransform, *, 
 def _metric_value(fixed: sitk.Image, moving: sitk.Image, t: sitk.Transform, params: VolumeRegistrationParameters,
                   samples: int, seed: int, fixed_mask: sitk.Image | None) -> float:
     r = _method(params, samples, seed, 1, fixed_mask, 1.0)
-    r.SetMetricSamplingPercentage(min(1.0, samples / max(1, fixed.GetNumberOfPixels())), seed)
+    r.SetMetricSamplingPercentage(min(1.0, samples / max(1, fixed.GetNumberOfPixels())), _sitk_seed(seed))
     r.SetInitialTransform(sitk.Euler3DTransform(t), inPlace=False)
     try:
         return float(r.MetricEvaluate(fixed, moving))
@@ -517,7 +522,10 @@ def register_volumes(
 
 
 def parameters_dict(params: VolumeRegistrationParameters) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(params).items()}
+    """The parameters as JSON-native values (tuples become lists)."""
+    import json
+
+    return json.loads(json.dumps(asdict(params)))
 
 
 # ---- gate --------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Ingest benchmark: the same large CBCT series sent by dcmtk ``storescu`` to our listener
-(``dentfuse serve``: chunked receive, fsync'd, indexed before each 0x0000), to dcmtk
-``storescp`` and, with ``--orthanc``, to Orthanc; in one run, repeated, medians printed.
+(:class:`dicom_node.server.DicomNode` with its defaults, in its own process: chunked
+receive, fsync'd and indexed before each 0x0000), to dcmtk ``storescp`` and, with
+``--orthanc``, to Orthanc; in one run, repeated, medians printed. ``--receivers`` adds the
+whole ``dentfuse serve`` application (``serve``) and diagnosis variants.
 
     python bench/ingest.py                    # 400 slices of 512 x 512 int16 (~210 MB)
     python bench/ingest.py --large            # also 576 slices of 768 x 768 (~680 MB)
@@ -183,40 +185,26 @@ class Receiver:
         raise NotImplementedError
 
 
-class Ours(Receiver):
-    name, ae_title = "dentfuse", "DENTFUSE"
-
-    def start(self, workdir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
-        port = free_port()
-        env = {k: v for k, v in env.items() if not k.startswith("DENTFUSE_")}
-        exe = shutil.which("dentfuse") or sys.executable
-        cmd = [exe] if exe.endswith("dentfuse") else [exe, "-m", "pipeline.cli"]
-        proc = subprocess.Popen(cmd + ["serve", "--data-dir", str(workdir), "--port", str(port),
-                                       "--ae-title", self.ae_title],
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_port(port, proc)
-        return proc, port
-
-    def count(self, workdir: Path) -> int:
-        conn = sqlite3.connect(f"file:{workdir / 'index.sqlite'}?mode=ro", uri=True)
-        try:
-            return int(conn.execute("SELECT count(*) FROM instances").fetchone()[0])
-        finally:
-            conn.close()
-
+_LISTENER = """
+import sys
+from pathlib import Path
+from dicom_node.server import DicomNode, serve_forever
+from dicom_node.settings import NodeSettings, StabilitySettings
+data_dir, port, ae_title = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+# the node's defaults: unlimited PDU, chunked receive, fsync'd and indexed before 0x0000
+node = DicomNode(NodeSettings(ae_title=ae_title, bind_address="127.0.0.1", port=port), StabilitySettings(),
+                 data_dir)
+sys.exit(serve_forever(node))
+"""
 
 _NOFSYNC = """
-import sys
 import dicom_node.storage as storage
 storage.fsync_file = lambda path: None   # diagnosis only: NOT durable
 storage.fsync_dir = lambda path: None
-from pipeline.cli import main
-sys.argv[0] = "dentfuse"
-main()
-"""
+""" + _LISTENER
 
 _FASTLOOP = """
-import sys, time
+import time
 import pynetdicom.association as association
 import pynetdicom.dul as dul
 # diagnosis only: shorten pynetdicom's two polling sleeps (1 ms each) to 0.1 ms
@@ -231,10 +219,7 @@ class _Time:
     def sleep(self, s):
         time.sleep(min(s, 0.0001))
 association.time = _Time()
-from pipeline.cli import main
-sys.argv[0] = "dentfuse"
-main()
-"""
+""" + _LISTENER
 
 _DISCARD = """
 import socket, sys
@@ -248,6 +233,46 @@ ae.start_server(("127.0.0.1", int(sys.argv[1])), evt_handlers=[(evt.EVT_C_STORE,
 """
 
 
+class Ours(Receiver):
+    """Our listener alone (:class:`dicom_node.server.DicomNode` with its default settings)."""
+
+    name, ae_title = "dentfuse", "DENTFUSE"
+    script = _LISTENER
+
+    def start(self, workdir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
+        port = free_port()
+        env = {k: v for k, v in env.items() if not k.startswith("DENTFUSE_")}
+        proc = subprocess.Popen([sys.executable, "-c", self.script, str(workdir), str(port), self.ae_title],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO)
+        wait_port(port, proc)
+        return proc, port
+
+    def count(self, workdir: Path) -> int:
+        conn = sqlite3.connect(f"file:{workdir / 'index.sqlite'}?mode=ro", uri=True)
+        try:
+            return int(conn.execute("SELECT count(*) FROM instances").fetchone()[0])
+        finally:
+            conn.close()
+
+
+class Serve(Ours):
+    """The whole ``dentfuse serve`` application (listener plus planner, fusion workers,
+    billing, outbox, forwarding) receiving the series."""
+
+    name = "serve"
+
+    def start(self, workdir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
+        port = free_port()
+        env = {k: v for k, v in env.items() if not k.startswith("DENTFUSE_")}
+        exe = shutil.which("dentfuse")
+        cmd = [exe] if exe else [sys.executable, "-m", "pipeline.cli"]
+        proc = subprocess.Popen(cmd + ["serve", "--data-dir", str(workdir), "--port", str(port),
+                                       "--ae-title", self.ae_title],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO)
+        wait_port(port, proc)
+        return proc, port
+
+
 class OursNoFsync(Ours):
     """Our listener with the two file fsyncs turned off (SQLite still synchronous=FULL):
     for diagnosis only, never a configuration."""
@@ -255,17 +280,8 @@ class OursNoFsync(Ours):
     name = "nofsync"
     script = _NOFSYNC
 
-    def start(self, workdir: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
-        port = free_port()
-        env = {k: v for k, v in env.items() if not k.startswith("DENTFUSE_")}
-        proc = subprocess.Popen([sys.executable, "-c", self.script, "serve", "--data-dir", str(workdir), "--port",
-                                 str(port), "--ae-title", self.ae_title],
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO)
-        wait_port(port, proc)
-        return proc, port
 
-
-class OursFastLoop(OursNoFsync):
+class OursFastLoop(Ours):
     """Our listener (durable, fsync'd) with pynetdicom's reactor polling sleeps cut from
     1 ms to 0.1 ms: what the polling latency costs (diagnosis; it burns more CPU when idle)."""
 
@@ -433,7 +449,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--orthanc", action="store_true", help="also send to Orthanc")
     ap.add_argument("--receivers", default="dentfuse,storescp",
-                    help="comma-separated: dentfuse,storescp,orthanc; for diagnosis also nofsync (our listener "
+                    help="comma-separated: dentfuse (our listener alone), storescp, orthanc, serve (the whole "
+                         "dentfuse serve application); for diagnosis also nofsync (our listener "
                          "without file fsyncs), fastloop (our listener with pynetdicom's 1 ms polling "
                          "sleeps cut to 0.1 ms) and discard (stock pynetdicom keeping nothing)")
     ap.add_argument("--storescp-pdu", type=int, default=131072,
@@ -448,7 +465,7 @@ def main() -> int:
     if args.orthanc and "orthanc" not in names:
         names.append("orthanc")
     make = {"dentfuse": Ours, "storescp": lambda: StoreScp(args.storescp_pdu), "orthanc": Orthanc,
-            "nofsync": OursNoFsync, "fastloop": OursFastLoop, "discard": PynetdicomDiscard}
+            "nofsync": OursNoFsync, "fastloop": OursFastLoop, "discard": PynetdicomDiscard, "serve": Serve}
     receivers = [make[n]() for n in names]
 
     env = dict(os.environ)

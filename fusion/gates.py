@@ -43,7 +43,7 @@ class SurfaceGateThresholds:
     review_inlier_fraction: float = 0.38  # review below
     min_hypothesis_margin: float = 0.08  # review below: best minus second-best distinct hypothesis inlier fraction
     distinct_hypothesis_mm: float = 1.5  # two poses are distinct hypotheses when scan points move more (RMS) between them
-    max_hypotheses: int = 6  # global pose hypotheses refined and scored
-    fine_sample_mm: float = 0.4  # scan sampling step of the final ICP stages
+    max_hypotheses: int = 4  # global pose hypotheses refined and scored (at least 2: the margin needs a second)
+    fine_sample_mm: float = 0.5  # scan sampling step of the final ICP stages
     max_scan_faces: int = 2_000_000  # reject scans declaring more faces (checked before parsing)
     cbct_surface_step_mm: float = 0.0  # block-average finer CBCTs to about this voxel size before surface extraction (0: native)

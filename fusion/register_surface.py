@@ -313,7 +313,7 @@ def inlier_stats(
     p = apply(m, pts)
     n = nrm @ m[:3, :3].T
     bound = 2.0 * inlier_distance_mm + spacing_mm
-    d, k = level.tree.query(p, distance_upper_bound=bound)
+    d, k = level.tree.query(p, distance_upper_bound=bound, workers=-1 if len(p) > 8000 else 1)
     hit = np.isfinite(d)
     kk = k[hit]
     q = level.points[kk]
@@ -349,7 +349,7 @@ def icp_point_to_plane(
             total += 1
             p = apply(m, pts)
             n = nrm @ m[:3, :3].T
-            d, k = level.tree.query(p, distance_upper_bound=cut)
+            d, k = level.tree.query(p, distance_upper_bound=cut, workers=-1 if len(p) > 8000 else 1)
             hit = np.isfinite(d)
             if hit.sum() < 12:
                 break
@@ -555,13 +555,16 @@ def register_surface(
     f = np.asarray(scan_faces, dtype=np.int64)
     cv = target.coarse_voxel_mm
     # scan samples: coarse (features/RANSAC), medium (scoring, coarse ICP), fine (final ICP)
-    coarse_p, coarse_n = area_weighted_samples(v, f, cv)
     fine_p, fine_n = area_weighted_samples(v, f, gate.fine_sample_mm)
+    coarse_p, coarse_n = voxel_downsample(fine_p, fine_n, cv)
     timings["n_coarse"] = float(len(coarse_p))
     timings["n_fine"] = float(len(fine_p))
     if len(coarse_p) < 30:
         raise RegistrationError(f"scan has only {len(coarse_p)} samples at {cv} mm; too small to register")
     med_p, med_n = voxel_downsample(fine_p, fine_n, max(gate.fine_sample_mm, 0.6))
+    if len(med_p) > 5000:  # hypothesis scoring: a fixed-size random subset is precise enough (+-0.01)
+        pick = np.sort(np.random.default_rng(seed).choice(len(med_p), size=5000, replace=False))
+        med_p, med_n = med_p[pick], med_n[pick]
     timings["n_medium"] = float(len(med_p))
     sign = convexity_sign(coarse_p, coarse_n)
     probe = coarse_p[np.random.default_rng(seed).choice(len(coarse_p), size=min(256, len(coarse_p)), replace=False)]
@@ -583,7 +586,7 @@ def register_surface(
         for m, votes in raw:
             if all(transform_distance_mm(m, c, probe) > 2.0 for c, _ in cands):
                 cands.append((m, votes))
-            if len(cands) >= gate.max_hypotheses * 3:
+            if len(cands) >= gate.max_hypotheses * 2:
                 break
         quick = []
         for m, votes in cands:
@@ -629,7 +632,8 @@ def register_surface(
     if progress:
         progress("refine", 0.7)
     t1 = time.perf_counter()
-    m, it = icp_point_to_plane((target.fine, target.fine), fine_p, fine_n * sign, best.matrix, max_distances_mm=(0.8, 0.4))
+    m, it = icp_point_to_plane((target.fine, target.fine), fine_p, fine_n * sign, best.matrix, max_distances_mm=(0.8, 0.4),
+                               tolerance_mm=5e-4)
     iters += it
     st = inlier_stats(target.full, fine_p, fine_n * sign, m, gate.inlier_distance_mm,
                       spacing_mm=max(target.surface.spacing_mm, 0.3))

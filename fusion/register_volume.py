@@ -3,10 +3,11 @@
 Method (see DESIGN.md, "What was measured"):
 
 1. Both volumes are cast to float32 and BinShrink-ed once to about ``target_spacing_mm``.
-2. Initialisation by a coarse global search at ``coarse_spacing_mm``: the moving volume is
-   centred on the fixed one by the centres of mass of their thresholded bodies and by their
-   geometric centres, combined with a set of rotation starts; each start runs a short
-   Mattes-MI rigid registration and the best metric wins.
+2. Initialisation by a global search: the moving volume is centred on the fixed one by the
+   centres of mass of their thresholded bodies, of their brightest voxels, and by their
+   geometric centres, each combined with a set of rotation starts; every start runs a short
+   Mattes-MI rigid registration at ``search_spacing_mm``; the best distinct few are re-run
+   at ``coarse_spacing_mm``.
 3. Refinement from the best start: Mattes mutual information with a fixed number of
    samples (seeded), regular-step gradient descent, a 2-level pyramid on the shrunk images.
 4. Evidence for the gate: final metric, optimizer stop condition, overlap fraction of the
@@ -44,7 +45,12 @@ class VolumeRegistrationParameters:
     """Tunable parameters of :func:`register_volumes` (recorded in the FusionResult)."""
 
     target_spacing_mm: float = 0.7  # BinShrink both images once to about this spacing
-    coarse_spacing_mm: float = 2.0  # global search resolution
+    search_spacing_mm: float = 4.0  # wide global search resolution (every start)
+    search_samples: int = 1500
+    search_iterations: int = 25
+    bright_fraction: float = 0.02  # centre of the brightest voxels: a translation start
+    coarse_spacing_mm: float = 2.0  # the best wide-search candidates are re-run here
+    coarse_candidates: int = 4
     pyramid_shrink: tuple[int, ...] = (2, 1)  # refinement levels on the shrunk images
     pyramid_sigma_mm: tuple[float, ...] = (1.0, 0.0)
     histogram_bins: int = 32
@@ -60,6 +66,7 @@ class VolumeRegistrationParameters:
     relaxation: float = 0.6
     rotation_starts_deg: tuple[tuple[float, float, float], ...] = (
         (0, 0, 0), (12, 0, 0), (-12, 0, 0), (0, 12, 0), (0, -12, 0), (0, 0, 12), (0, 0, -12),
+        (8, 8, 8), (-8, -8, -8), (8, -8, 8), (-8, 8, -8), (8, 8, -8), (-8, -8, 8), (-8, 8, 8), (8, -8, -8),
     )
     refine_candidates: int = 2  # distinct global-search candidates refined at the first level
     consistency_starts: int = 2
@@ -146,6 +153,18 @@ def _rot(deg_xyz: tuple[float, float, float]) -> np.ndarray:
     ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
     rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
     return rz @ ry @ rx
+
+
+def _close(a: np.ndarray, b: np.ndarray, mm: float = 1.0, rot: float = 0.02) -> bool:
+    """Two 4x4 rigid matrices within ``mm`` translation and ``rot`` rotation-element difference."""
+    return bool(np.abs(a[:3, 3] - b[:3, 3]).max() < mm and np.abs(a[:3, :3] - b[:3, :3]).max() < rot)
+
+
+def _bright_mask(img: sitk.Image, fraction: float) -> sitk.Image:
+    """The brightest ``fraction`` of the voxels (teeth and bone in CBCT)."""
+    arr = sitk.GetArrayViewFromImage(img)
+    thr = float(np.quantile(arr[::2, ::2, ::2], 1.0 - fraction))
+    return sitk.BinaryThreshold(img, lowerThreshold=thr, upperThreshold=1e30, insideValue=1, outsideValue=0)
 
 
 def _centre_of_mass(mask: sitk.Image) -> np.ndarray | None:
@@ -350,11 +369,10 @@ def register_volumes(
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(params.threads)
 
     say("preparing images", 0.0)
-    f_full = volume_to_sitk(fixed, np.float32)
-    m_full = volume_to_sitk(moving, np.float32)
-    f_img = _shrink_to(f_full, params.target_spacing_mm)
-    m_img = _shrink_to(m_full, params.target_spacing_mm)
-    del f_full, m_full
+    # shrink in the stored type (BinShrink averages; integer types round to the nearest
+    # integer, far below the noise), then float32 on the small images only
+    f_img = sitk.Cast(_shrink_to(volume_to_sitk(fixed), params.target_spacing_mm), sitk.sitkFloat32)
+    m_img = sitk.Cast(_shrink_to(volume_to_sitk(moving), params.target_spacing_mm), sitk.sitkFloat32)
     f_mask, f_thr = _body_mask(f_img)
     m_mask, m_thr = _body_mask(m_img)
     f_coarse = _shrink_to(sitk.SmoothingRecursiveGaussian(f_img, params.coarse_spacing_mm / 2), params.coarse_spacing_mm)
@@ -368,7 +386,7 @@ def register_volumes(
             "image; there is nothing to register")
     timings["prepare"] = time.perf_counter() - t0
 
-    # ---- coarse global search
+    # ---- coarse global search: a wide search at search_spacing_mm, the best few at coarse_spacing_mm
     t1 = time.perf_counter()
     f_com = _centre_of_mass(f_mask)
     m_com = _centre_of_mass(m_mask)
@@ -376,8 +394,15 @@ def register_volumes(
     translations = []
     if f_com is not None and m_com is not None:
         translations.append(("centre of mass", m_com - f_com))
+    f_bright = _centre_of_mass(_bright_mask(f_img, params.bright_fraction))
+    m_bright = _centre_of_mass(_bright_mask(m_img, params.bright_fraction))
+    if f_bright is not None and m_bright is not None:
+        translations.append(("bright centre", m_bright - f_bright))
     translations.append(("geometric centre", _image_centre(m_img) - _image_centre(f_img)))
-    candidates: list[tuple[float, np.ndarray, str]] = []
+    f_search = _shrink_to(sitk.SmoothingRecursiveGaussian(f_img, params.search_spacing_mm / 2), params.search_spacing_mm)
+    m_search = _shrink_to(sitk.SmoothingRecursiveGaussian(m_img, params.search_spacing_mm / 2), params.search_spacing_mm)
+    fs_mask, _ = _body_mask(f_search)
+    wide: list[tuple[float, np.ndarray, str]] = []
     n_starts = len(translations) * len(params.rotation_starts_deg)
     done = 0
     for tname, trans in translations:
@@ -388,13 +413,29 @@ def register_volumes(
             m[:3, :3] = R
             m[:3, 3] = centre + trans - R @ centre
             init = _euler_from_matrix(m, centre)
-            t, metric, stop, _ = _run(f_coarse, m_coarse, init, params=params, samples=params.coarse_samples,
-                                      seed=seed, iterations=params.coarse_iterations, shrink=(1,), sigmas_mm=(0.0,),
-                                      fixed_mask=fc_mask, learning_rate=params.learning_rate * 2)
+            t, metric, stop, _ = _run(f_search, m_search, init, params=params, samples=params.search_samples,
+                                      seed=seed, iterations=params.search_iterations, shrink=(1,), sigmas_mm=(0.0,),
+                                      fixed_mask=fs_mask, learning_rate=params.learning_rate * 4)
             if not stop.startswith("failed"):
-                candidates.append((metric, _matrix_of(t), f"{tname} {rot}"))
+                wide.append((metric, _matrix_of(t), f"{tname} {rot}"))
             done += 1
-            say("global search", 0.5 * done / n_starts)
+            say("global search", 0.4 * done / n_starts)
+    wide.sort(key=lambda c: c[0])
+    candidates: list[tuple[float, np.ndarray, str]] = []
+    kept: list[np.ndarray] = []
+    for metric0, mat, label in wide:
+        if any(_close(mat, o) for o in kept):
+            continue
+        kept.append(mat)
+        t, metric, stop, _ = _run(f_coarse, m_coarse, _euler_from_matrix(mat, centre), params=params,
+                                  samples=params.coarse_samples, seed=seed, iterations=params.coarse_iterations,
+                                  shrink=(1,), sigmas_mm=(0.0,), fixed_mask=fc_mask,
+                                  learning_rate=params.learning_rate * 2)
+        if not stop.startswith("failed"):
+            candidates.append((metric, _matrix_of(t), label))
+        if len(kept) >= params.coarse_candidates:
+            break
+    say("global search", 0.5)
     if not candidates:
         raise RegistrationError(
             f"no start of the global search overlapped: series {moving.series_instance_uid} and "
@@ -436,7 +477,7 @@ def register_volumes(
     refined: list[tuple[float, np.ndarray, str, int, str]] = []
     tried: list[np.ndarray] = []
     for metric0, mat, label in candidates:
-        if any(np.abs(mat - o).max() < 1.0 and np.abs(mat[:3, :3] - o[:3, :3]).max() < 0.02 for o in tried):
+        if any(_close(mat, o) for o in tried):
             continue
         tried.append(mat)
         # the distinct candidates compete at the first pyramid level; the winner goes on

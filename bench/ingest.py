@@ -441,6 +441,98 @@ def store_path_floor(files: list[Path], work_root: Path) -> tuple[float, float, 
     return total, n / total, ms
 
 
+def timeline(series_dir: Path, work_root: Path, env: dict[str, str]) -> None:
+    """Where one instance's time goes in our listener: an in-process DicomNode with
+    timestamps at the start and end of each DIMSE message decode, the store handler and
+    the response PDU, plus the two fsyncs; medians and means per instance are printed.
+    (Diagnosis: patches pynetdicom and dicom_node functions in this process only.)"""
+    import pynetdicom.dimse_messages as dimse_messages
+    from pynetdicom import evt
+    from pynetdicom.pdu import P_DATA_TF
+
+    import dicom_node.server as server
+    import dicom_node.storage as storage
+    from dicom_node.settings import NodeSettings, StabilitySettings
+
+    marks: list[tuple[float, str]] = []
+    durations: dict[str, list[float]] = {"fsync_file": [], "fsync_dir": []}
+    decode = dimse_messages.DIMSEMessage.decode_msg
+
+    def decode_msg(self, primitive, assoc=None):  # type: ignore[no-untyped-def]
+        if not getattr(self, "_bench_started", False):
+            self._bench_started = True
+            marks.append((time.perf_counter(), "message_start"))
+        done = decode(self, primitive, assoc)
+        if done:
+            self._bench_started = False
+            marks.append((time.perf_counter(), "message_complete"))
+        return done
+
+    handle = server._handle_store
+
+    def handle_store(event, node):  # type: ignore[no-untyped-def]
+        marks.append((time.perf_counter(), "handler_start"))
+        try:
+            return handle(event, node)
+        finally:
+            marks.append((time.perf_counter(), "handler_end"))
+
+    def timed(name: str, fn):  # type: ignore[no-untyped-def]
+        def run(path: Path) -> None:
+            t = time.perf_counter()
+            fn(path)
+            durations[name].append(time.perf_counter() - t)
+        return run
+
+    def on_sent(event) -> None:  # type: ignore[no-untyped-def]
+        if isinstance(event.pdu, P_DATA_TF):
+            marks.append((time.perf_counter(), "response_sent"))
+
+    saved = (dimse_messages.DIMSEMessage.decode_msg, server._handle_store, storage.fsync_file, storage.fsync_dir)
+    dimse_messages.DIMSEMessage.decode_msg = decode_msg  # type: ignore[method-assign]
+    server._handle_store = handle_store
+    storage.fsync_file = timed("fsync_file", storage.fsync_file)
+    storage.fsync_dir = timed("fsync_dir", storage.fsync_dir)
+    workdir = Path(tempfile.mkdtemp(prefix="timeline-", dir=work_root))
+    try:
+        node = server.DicomNode(NodeSettings(ae_title="DENTFUSE", port=0), StabilitySettings(), workdir)
+        port = node.start()
+        assert node._server is not None
+        node._server.bind(evt.EVT_PDU_SENT, on_sent)
+        t0 = time.perf_counter()
+        subprocess.run([dcmtk("storescu"), "-aec", "DENTFUSE", "127.0.0.1", str(port), "+sd", "+sp", "*.dcm",
+                        str(series_dir), "-xe"], env=env, check=True, capture_output=True)
+        wall = time.perf_counter() - t0
+        node.close()
+    finally:
+        (dimse_messages.DIMSEMessage.decode_msg, server._handle_store, storage.fsync_file,
+         storage.fsync_dir) = saved
+        shutil.rmtree(workdir, ignore_errors=True)
+    phases: dict[str, list[float]] = {
+        "receive the dataset (first to last PDV)": [], "hand-off to the handler": [],
+        "store handler (incl. fsyncs)": [], "hand-off of the response": [], "sender's turn + our read of the next request": []}
+    cur: dict[str, float] = {}
+    for t, kind in sorted(marks):
+        if kind == "message_start":
+            if "response_sent" in cur:
+                phases["sender's turn + our read of the next request"].append(t - cur["response_sent"])
+            cur = {"message_start": t}
+        elif kind not in cur:
+            cur[kind] = t
+            if kind == "response_sent" and len(cur) == 5:
+                phases["receive the dataset (first to last PDV)"].append(cur["message_complete"] - cur["message_start"])
+                phases["hand-off to the handler"].append(cur["handler_start"] - cur["message_complete"])
+                phases["store handler (incl. fsyncs)"].append(cur["handler_end"] - cur["handler_start"])
+                phases["hand-off of the response"].append(cur["response_sent"] - cur["handler_end"])
+    n = len(phases["store handler (incl. fsyncs)"])
+    print(f"  timeline of our listener: {wall:.2f} s, {1000 * wall / max(n, 1):.1f} ms per instance "
+          f"({n} instances); per instance, median / mean:")
+    for name, values in list(phases.items()) + [("  of which fsync(file)", durations["fsync_file"]),
+                                                 ("  of which fsync(directory)", durations["fsync_dir"])]:
+        if values:
+            print(f"    {name:42s} {1000 * statistics.median(values):6.2f} / {1000 * statistics.mean(values):6.2f} ms")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--slices", type=int, default=400)
@@ -459,6 +551,8 @@ def main() -> int:
     ap.add_argument("--work-dir", type=Path, default=REPO / "bench" / "out",
                     help="where receivers write (one file system for all)")
     ap.add_argument("--json", dest="json_out", type=Path, default=None, help="also write the runs as JSON")
+    ap.add_argument("--timeline", action="store_true",
+                    help="also break one send to our listener down into phases per instance (diagnosis)")
     args = ap.parse_args()
 
     names = [n.strip() for n in args.receivers.split(",") if n.strip()]
@@ -489,6 +583,8 @@ def main() -> int:
         for f in files:  # into the page cache, so the sender's disk is not measured
             f.read_bytes()
         print(f"\nseries {series_dir.name}: {len(files)} instances, {total / 1e6:.0f} MB", flush=True)
+        if args.timeline:
+            timeline(series_dir, args.work_dir, env)
         if "dentfuse" in names:
             secs, ips, ms = store_path_floor(files, args.work_dir)
             print(f"  our durable store path alone (no network): {ips:.0f} inst/s = {total / 1e6 / secs:.0f} MB/s; "

@@ -140,6 +140,7 @@ def run_case(case: str, quiet_period_s: float, workers: int, keep: bool) -> dict
         paths = [str(source / rel) for rel, _ in SEND]
         size = sum(f.stat().st_size for p in paths for f in ([Path(p)] if Path(p).is_file() else Path(p).rglob("*")))
         t0 = time.monotonic()
+        wall0 = time.time()
         r = subprocess.run([dcmtk_storescu(), "-aec", "DENTFUSE", "-aet", "BENCH", "+sd", "-R", "127.0.0.1",
                             str(port), *paths], capture_output=True, text=True,
                            env={**os.environ, "TCP_NODELAY": "1"})  # dcmtk: no Nagle delay on loopback
@@ -172,6 +173,22 @@ def run_case(case: str, quiet_period_s: float, workers: int, keep: bool) -> dict
         t_exported = time.monotonic() - t0
         peak = mem.stop()
         jobs = st["jobs"]["recent"]
+        # where the time went, per job, in seconds after the first byte sent
+        from pipeline.bootstrap import open_job_queue
+        from pipeline.config import load_config
+
+        q = open_job_queue(load_config(cfg_path, environ={}))
+        timeline = {}
+        for j in q.list(limit=100):
+            marks = {"planned": j.created_at}
+            for stage, t in j.stages:
+                if stage == "claimed":
+                    marks["started"] = t
+                if stage in ("billing decision", "fusion already computed"):
+                    marks["fusion_done"] = t
+            marks["finalized"] = j.finished_at
+            timeline[j.payload.get("rule")] = {k: round(v - wall0, 2) for k, v in marks.items() if v}
+        q.close()
         fusion_times = {}
         for j in jobs:
             res = work / "data" / "fusions" / j["fusion_id"] / "result.json"
@@ -181,7 +198,7 @@ def run_case(case: str, quiet_period_s: float, workers: int, keep: bool) -> dict
             "case": case, "bytes_sent": size, "quiet_period_s": quiet_period_s, "workers": workers,
             "send_s": round(t_sent, 2), "to_decisions_s": round(decided, 2),
             "documentation_to_export_s": round(t_exported - (t_doc - t0), 2), "to_exported_s": round(t_exported, 2),
-            "peak_rss_mb": round(peak / 2**20), "fusion_s": fusion_times,
+            "peak_rss_mb": round(peak / 2**20), "fusion_s": fusion_times, "timeline_s": timeline,
             "jobs": [(j["rule"], j["state"], j["verdict"]) for j in jobs],
             "decisions": [(f["fusion_id"], f["code"], f["status"]) for f in st["fusions"]],
             "load_average": os.getloadavg(), "work_dir": str(work),
@@ -213,6 +230,8 @@ def main() -> None:
               f"included); exported {r['documentation_to_export_s']} s after documentation; "
               f"peak RSS of serve + workers {r['peak_rss_mb']} MB")
         print(f"   fusion compute: {r['fusion_s']}; load average {tuple(round(x, 1) for x in r['load_average'])}")
+        for rule, marks in r["timeline_s"].items():
+            print(f"   {rule}: " + ", ".join(f"{k} {v} s" for k, v in marks.items()))
         if case == "large":
             ok = r["to_decisions_s"] < 60 and r["peak_rss_mb"] < 4096
             print(f"   target (< 60 s, < 4096 MB): {'met' if ok else 'NOT met'}")

@@ -3,8 +3,9 @@ planner needs (content version, pixel fingerprint, acquisition date, files).
 
 Reads the index (``dicom_node.index.InstanceIndex``) and the stability marks
 (``dicom_node.stability.StabilityMonitor.is_stable``); opens the instance files only to
-read a few header attributes and hash the pixel data / encapsulated document (cached per
-series content version, so a re-plan does not re-read a series).
+read a few header attributes and, for series that could be copies of each other (same
+kind, modality and number of instances), hash the pixel data / encapsulated document
+(cached per series content version, so a re-plan does not re-read a series).
 """
 
 from __future__ import annotations
@@ -30,31 +31,37 @@ def content_version(instances: list[Any]) -> str:
     return h.hexdigest()[:32]
 
 
-def pixel_fingerprint(paths: list[str]) -> tuple[str, dict[str, str]]:
-    """Hash of the pixel data (or encapsulated document) of every file, order independent,
-    plus a few header values of the first file (date, frame of reference, manufacturer)."""
+def read_header(path: str) -> dict[str, str]:
+    """Date, frame of reference and manufacturer of one instance (header only)."""
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    header: dict[str, str] = {}
+    for attr in ("AcquisitionDate", "SeriesDate", "StudyDate", "ContentDate"):
+        v = str(ds.get(attr, "") or "")
+        if v:
+            header["date"] = v
+            break
+    header["frame_of_reference_uid"] = str(ds.get("FrameOfReferenceUID", "") or "")
+    header["manufacturer"] = str(ds.get("Manufacturer", "") or "")
+    return header
+
+
+def pixel_fingerprint(paths: list[str]) -> str:
+    """Hash of the pixel data (or encapsulated document) of every file, order independent:
+    equal for a series re-sent under new UIDs."""
     import pydicom
 
     digests = []
-    header: dict[str, str] = {}
-    for n, p in enumerate(sorted(paths)):
+    for p in sorted(paths):
         ds = pydicom.dcmread(p, force=True)
-        if n == 0:
-            for attr in ("AcquisitionDate", "SeriesDate", "StudyDate", "ContentDate"):
-                v = str(ds.get(attr, "") or "")
-                if v:
-                    header["date"] = v
-                    break
-            header["frame_of_reference_uid"] = str(ds.get("FrameOfReferenceUID", "") or "")
-            header["manufacturer"] = str(ds.get("Manufacturer", "") or "")
         payload = b""
         for kw in ("PixelData", "FloatPixelData", "DoubleFloatPixelData", "EncapsulatedDocument"):
             if kw in ds:
                 payload = ds[kw].value or b""
                 break
         digests.append(hashlib.sha256(payload).hexdigest())
-    fp = hashlib.sha256(";".join(sorted(digests)).encode("ascii")).hexdigest()[:32]
-    return fp, header
+    return hashlib.sha256(";".join(sorted(digests)).encode("ascii")).hexdigest()[:32]
 
 
 class IndexInventory:
@@ -64,21 +71,29 @@ class IndexInventory:
         self.index = index
         self.stability = stability
         self.require_stable = require_stable
-        self._cache: dict[tuple[str, str], tuple[str, dict[str, str]]] = {}
+        self._headers: dict[tuple[str, str], dict[str, str]] = {}
+        self._fingerprints: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
 
     def stable_series(self, patient_key: str) -> list[SeriesInfo]:
-        out: list[SeriesInfo] = []
+        summaries = []
         for s in self.index.series(patient_key=patient_key):
             if s.patient_key != patient_key:
                 continue
             if self.require_stable and not self.stability.is_stable(s.series_instance_uid):
                 continue
-            out.append(self.describe(s))
-        return out
+            summaries.append(s)
+        # only series that could be copies of each other (same kind, modality and number of
+        # instances) need their pixel data hashed
+        groups: dict[tuple[str, str, int], int] = {}
+        for s in summaries:
+            key = (s.kind, s.modality, s.instance_count)
+            groups[key] = groups.get(key, 0) + 1
+        return [self.describe(s, fingerprint=groups[(s.kind, s.modality, s.instance_count)] > 1)
+                for s in summaries]
 
-    def describe(self, s: Any) -> SeriesInfo:
-        """A :class:`SeriesInfo` for one index series summary."""
+    def describe(self, s: Any, fingerprint: bool = True) -> SeriesInfo:
+        """A :class:`SeriesInfo` for one index series summary (``fingerprint``: hash its pixels)."""
         instances = self.index.instances(series_instance_uid=s.series_instance_uid)
         version = content_version(instances)
         paths = tuple(sorted(i.path for i in instances))
@@ -86,17 +101,20 @@ class IndexInventory:
         if s.kind in ("volume", "surface") and paths:
             key = (s.series_instance_uid, version)
             with self._lock:
-                cached = self._cache.get(key)
-            if cached is None:
-                try:
-                    cached = pixel_fingerprint(list(paths))
-                except Exception as exc:  # unreadable: plan without duplicate detection
-                    log.warning("series %s: cannot fingerprint its pixels (%s); duplicate detection off for it",
-                                s.series_instance_uid, exc)
-                    cached = ("", {})
-                with self._lock:
-                    self._cache[key] = cached
-            fp, header = cached
+                header = self._headers.get(key, {})
+                fp = self._fingerprints.get(key, "")
+            try:
+                if not header:
+                    header = read_header(paths[0])
+                if fingerprint and not fp:
+                    fp = pixel_fingerprint(list(paths))
+            except Exception as exc:  # unreadable: plan without duplicate detection
+                log.warning("series %s: cannot read its files (%s); duplicate detection off for it",
+                            s.series_instance_uid, exc)
+            with self._lock:
+                self._headers[key] = header
+                if fp:
+                    self._fingerprints[key] = fp
         return SeriesInfo(
             patient_key=s.patient_key, study_instance_uid=s.study_instance_uid,
             series_instance_uid=s.series_instance_uid, modality=s.modality, kind=s.kind,

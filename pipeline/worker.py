@@ -309,6 +309,12 @@ class WorkerPool:
         for j in released:
             log.warning("job %s (%s) re-queued: %s", j.job_id, j.payload.get("fusion_id"), j.error)
         self._stop.clear()
+        if self._ctx.get_start_method() == "forkserver":
+            # start the fork server now: it imports the fusion modules while data arrives,
+            # not when the first fusion is due
+            from multiprocessing import forkserver
+
+            forkserver.ensure_running()
         for slot in range(self.workers):
             t = threading.Thread(target=self._loop, args=(slot,), name=f"dentfuse-worker-{slot}", daemon=True)
             t.start()

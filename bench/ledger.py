@@ -3,6 +3,11 @@
     python bench/ledger.py [--events 100000] [--synchronous FULL|NORMAL] [--dir DIR]
 
 Targets: >= 5,000 durable appends/s and >= 50,000 verified events/s.
+
+Durability: the ledger runs in WAL mode. ``FULL`` (the default, configuration key
+``billing.delivery.ledger_synchronous``) fsyncs the WAL at every commit: a committed
+entry survives power loss, and the rate is bounded by the disk's fsync latency.
+``NORMAL`` survives a process crash but may lose the newest commits on power loss.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import math
 import time
 import uuid
 from pathlib import Path
@@ -208,7 +209,9 @@ def fuse_volumes(
         timings["outputs"] = time.perf_counter() - t3
     timings["total"] = time.perf_counter() - t0
 
-    metrics = {k: float(v) for k, v in reg.metrics.items()}
+    # JSON has no NaN/Infinity: a figure that could not be measured is left out (its
+    # quality check, if any, records it as failed with value 1e9)
+    metrics = {k: float(v) for k, v in reg.metrics.items() if math.isfinite(float(v))}
     metrics["optimizer_converged"] = 1.0 if reg.converged else 0.0
     parameters = {
         "registration": parameters_dict(params),

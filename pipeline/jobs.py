@@ -22,6 +22,7 @@ States
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 import threading
@@ -144,6 +145,10 @@ class JobQueue(Protocol):
     def release_owners(self, owners_alive: Callable[[str], bool]) -> list[Job]:
         """Release running jobs whose owner is known dead (``owners_alive(owner)`` False)."""
 
+    def opener(self) -> Callable[[], "JobQueue"]:
+        """A picklable callable that opens this same queue in another process (the worker
+        processes report their progress through it)."""
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -234,6 +239,9 @@ class SqliteJobQueue:
 
     def _tx(self) -> "SqliteJobQueue._Tx":
         return SqliteJobQueue._Tx(self._conn())
+
+    def opener(self) -> Callable[[], "SqliteJobQueue"]:
+        return functools.partial(SqliteJobQueue, self.path, self.max_attempts)
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from pipeline.jobs import Job, JobQueue, LeaseLostError, SqliteJobQueue
+from pipeline.jobs import Job, JobQueue, LeaseLostError
 
 log = logging.getLogger(__name__)
 
@@ -173,13 +173,13 @@ def _owner_gone(owner: str) -> bool:
     return False
 
 
-def _child_main(db_path: str, job_id: int, owner: str, lease_s: float, payload: dict[str, Any],
-                out_dir: str, log_level: int) -> None:
+def _child_main(open_queue: Callable[[], JobQueue], job_id: int, owner: str, lease_s: float,
+                payload: dict[str, Any], out_dir: str, log_level: int) -> None:
     """Entry point of a worker process: run the fusion, write result.json or error.json."""
     _die_with_parent()
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s")
     out = Path(out_dir)
-    queue = SqliteJobQueue(Path(db_path))
+    queue = open_queue()
     last = {"t": 0.0, "stage": ""}
 
     def progress(stage: str, fraction: float | None = None, *args: Any, **kwargs: Any) -> None:
@@ -216,7 +216,9 @@ def _child_main(db_path: str, job_id: int, owner: str, lease_s: float, payload: 
             "error": f"{name}: {exc}", "permanent": permanent, "traceback": traceback.format_exc(),
         }))
         code = 1
-    queue.close()
+    closer = getattr(queue, "close", None)
+    if closer is not None:
+        closer()
     os._exit(code)
 
 
@@ -269,7 +271,8 @@ class WorkerPool:
     Parameters
     ----------
     queue:
-        The job queue (the embedded :class:`SqliteJobQueue`; children open its file).
+        The job queue (the embedded :class:`SqliteJobQueue` by default); each child opens it
+        again with ``queue.opener()`` to report its progress.
     fusions_dir:
         Each job writes into ``fusions_dir / <fusion_id>``.
     finalize:
@@ -284,7 +287,7 @@ class WorkerPool:
         How often an idle slot looks for work (``wake()`` cuts the wait short).
     """
 
-    def __init__(self, queue: SqliteJobQueue, fusions_dir: Path, finalize: FinalizeFn, *, workers: int = 1,
+    def __init__(self, queue: JobQueue, fusions_dir: Path, finalize: FinalizeFn, *, workers: int = 1,
                  lease_s: float = 120.0, heartbeat_s: float = 2.0, job_timeout_s: float = 1800.0,
                  poll_s: float = 1.0, on_job_finished: Callable[[Job], None] | None = None) -> None:
         self.queue = queue
@@ -409,7 +412,7 @@ class WorkerPool:
     def _run_child(self, job: Job, owner: str, out_dir: Path) -> ChildOutcome:
         proc = self._ctx.Process(
             target=_child_main,
-            args=(str(self.queue.path), job.job_id, owner, self.lease_s, dict(job.payload), str(out_dir),
+            args=(self.queue.opener(), job.job_id, owner, self.lease_s, dict(job.payload), str(out_dir),
                   logging.getLogger().getEffectiveLevel()),
             name=f"dentfuse-fusion-{job.job_id}",
         )

@@ -89,3 +89,16 @@ def test_report_is_reproducible_for_the_same_content(tmp_path: Path) -> None:
     a = write_report(result, make_decision(), tmp_path / "a", generated_at="2026-11-26T20:00:00+00:00")
     b = write_report(result, make_decision(), tmp_path / "b", generated_at="2026-11-26T20:00:00+00:00")
     assert a.pdf_sha256 == b.pdf_sha256 and a.html_sha256 == b.html_sha256
+
+
+def test_rejected_fusion_without_decision_is_reported_as_such(tmp_path: Path) -> None:
+    import dataclasses
+
+    result = dataclasses.replace(
+        make_result(tmp_path), verdict="rejected", reasons=("overlap_fraction 0.05 below 0.20",),
+        quality_checks=(QualityCheck("overlap_fraction", 0.05, 0.2, ">=", False, "reject", "too little overlap"),))
+    rep = write_report(result, None, tmp_path / "reports")
+    page = rep.html_path.read_text()
+    assert "rejected - overlap_fraction 0.05 below 0.20" in page
+    assert ">FAIL<" in page and "No billing decision recorded yet." in page
+    assert rep.pdf_path.read_bytes().startswith(b"%PDF-")

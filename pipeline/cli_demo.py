@@ -144,21 +144,23 @@ def summarise(app: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 
 def written_paths(app: Any) -> dict[str, Any]:
     data = app.data_dir
-    out: dict[str, Any] = {"data_dir": str(data)}
-    reports = sorted(str(p) for p in (data / "reports").rglob("*") if p.suffix in (".pdf", ".html"))
-    out["reports"] = reports
-    out["fusion_outputs"] = sorted(str(p) for p in (data / "fusions").iterdir() if p.is_dir()) \
-        if (data / "fusions").is_dir() else []
-    for name in ("ledger", "exports", "outbox"):
-        hits = sorted(str(p) for p in data.rglob(f"*{name}*"))
-        if hits:
-            out[name] = hits[:20]
-    drop = app.cfg.billing.delivery.drop_dir or str(data / "outbox" / "drop")
-    out["drop_dir"] = drop
-    out["delivered"] = sorted(str(p) for p in Path(drop).rglob("*") if p.is_file()) if Path(drop).is_dir() else []
-    out["index"] = str(data / "index.sqlite")
-    out["jobs"] = str(data / "jobs.sqlite3")
-    return out
+
+    def files(folder: Path, pattern: str = "*") -> list[str]:
+        return sorted(str(p) for p in folder.rglob(pattern) if p.is_file()) if folder.is_dir() else []
+
+    drop = Path(app.cfg.billing.delivery.drop_dir or data / "outbox" / "drop")
+    return {
+        "data_dir": str(data),
+        "fusion_outputs": sorted(str(p) for p in (data / "fusions").iterdir() if p.is_dir())
+        if (data / "fusions").is_dir() else [],
+        "reports": [p for p in files(data / "reports") if p.endswith((".pdf", ".html"))],
+        "claims": files(data / "exports"),
+        "delivered": files(drop),
+        "ledger": str(data / "billing" / "ledger.sqlite"),
+        "index": str(data / "index.sqlite"),
+        "jobs": str(data / "jobs.sqlite3"),
+        "received_instances": str(data / "instances"),
+    }
 
 
 def run_demo(data_dir: Path, *, source: Path | None = None, console: Console | None = None,

@@ -51,6 +51,8 @@ def test_demo_then_status_events_and_ledger_verify(tmp_path: Path, small_set: Pa
     assert Path(paths["data_dir"]) == data
     assert len(paths["reports"]) == 8  # R1 and R2, PDF and HTML, for each fusion
     assert all(Path(p).is_file() for p in paths["reports"])
+    assert sorted(Path(p).name for p in paths["claims"]) == ["claim.837", "claim.837", "claim.fhir.json",
+                                                             "claim.fhir.json"]
     delivered = [Path(p) for p in paths["delivered"]]
     assert len(delivered) == 4 and {p.suffix for p in delivered} == {".json", ".837"}
 

@@ -39,6 +39,8 @@ from pipeline.worker import WorkerPool
 log = logging.getLogger(__name__)
 
 JOBS_FILE = "jobs.sqlite3"
+DELIVERY_INTERVAL_S = 2.0  # how often the serving loop runs a claim delivery pass
+FOLLOW_UP_S = 15.0  # how often it re-checks documented decisions that are not exported yet
 FORWARD_KINDS = ("derived_series", "registration", "encapsulated_stl", "segmentation")
 
 
@@ -284,6 +286,7 @@ class App:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_delivery = 0.0
+        self._last_follow_up = 0.0
         self._lock = threading.RLock()
         self.port = 0
         self.node.stability_monitor.subscribe(lambda _ev: self._wake.set())
@@ -363,17 +366,23 @@ class App:
             self._wake.clear()
 
     def step(self) -> None:
-        """One round: plan from stability events, follow up documentation, deliver the outbox."""
-        with self._lock:
-            self.process_stability_events()
-            self.follow_up_documentation()
-            now = time.monotonic()
-            if now - self._last_delivery >= 2.0:
-                self._last_delivery = now
-                try:
-                    self.billing.deliver_pending()
-                except Exception:
-                    log.exception("claim delivery round failed; the outbox retries")
+        """One round: plan from stability events; every few seconds deliver the claim
+        outbox; every ``FOLLOW_UP_S`` re-check documented decisions (a safety net: the
+        ``document`` command itself writes the report and exports)."""
+        self.process_stability_events()
+        now = time.monotonic()
+        if now - self._last_follow_up >= FOLLOW_UP_S:
+            self._last_follow_up = now
+            try:
+                self.follow_up_documentation()
+            except Exception:
+                log.exception("documentation follow-up failed; trying again later")
+        if now - self._last_delivery >= DELIVERY_INTERVAL_S:
+            self._last_delivery = now
+            try:
+                self.billing.deliver_pending()
+            except Exception:
+                log.exception("claim delivery round failed; the outbox retries")
 
     def _job_finished(self, job: Job) -> None:
         self._wake.set()
@@ -439,7 +448,8 @@ class App:
             return self.finisher.document(fusion_id, rationale, clinician)
 
     def follow_up_documentation(self, only: str | None = None) -> int:
-        return self.finisher.follow_up_documentation(only)
+        with self._lock:
+            return self.finisher.follow_up_documentation(only)
 
     def load_result(self, fusion_id: str) -> Any:
         return self.finisher.load_result(fusion_id)

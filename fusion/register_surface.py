@@ -586,7 +586,7 @@ def register_surface(
         for m, votes in raw:
             if all(transform_distance_mm(m, c, probe) > 2.0 for c, _ in cands):
                 cands.append((m, votes))
-            if len(cands) >= gate.max_hypotheses * 2:
+            if len(cands) >= gate.max_hypotheses * 4:
                 break
         quick = []
         for m, votes in cands:
@@ -595,12 +595,20 @@ def register_surface(
         quick.sort(key=lambda x: -x[0])
         hyps: list[Hypothesis] = []
         iters = 0
-        for qf, m, votes in quick[: gate.max_hypotheses]:
-            if quick and qf < 0.25 * quick[0][0]:
+        # refine candidates until max_hypotheses *distinct* poses are known (candidates that
+        # converge onto an already refined pose are duplicates, not competitors)
+        refined = 0
+        for qf, m, votes in quick:
+            if qf < 0.3 * quick[0][0] or len(hyps) >= gate.max_hypotheses or refined >= 3 * gate.max_hypotheses:
                 break
+            if any(transform_distance_mm(m, h.matrix, probe) <= gate.distinct_hypothesis_mm for h in hyps):
+                continue
             mr, it = icp_point_to_plane((target.mid, target.mid), coarse_p, cn, m, max_distances_mm=(2.0, 0.8),
-                                        max_iterations=15, tolerance_mm=1e-3)
+                                        max_iterations=10, tolerance_mm=5e-3)
             iters += it
+            refined += 1
+            if any(transform_distance_mm(mr, h.matrix, probe) <= gate.distinct_hypothesis_mm for h in hyps):
+                continue
             st = inlier_stats(target.mid, med_p, med_n * sgn, mr, gate.inlier_distance_mm, spacing_mm=0.6)
             hyps.append(Hypothesis(mr, st.fraction, st.rms_mm, votes))
         timings["hypotheses"] = timings.get("hypotheses", 0.0) + time.perf_counter() - t1

@@ -11,7 +11,8 @@ Outputs in ``out_dir`` (by verdict):
   ``scan_in_cbct.dcm`` (Encapsulated STL in the CBCT's frame of reference, referencing its
   sources), ``registration.dcm`` (Spatial Registration scan frame -> CBCT frame),
   ``scan_labels.nii.gz`` (the scan burned into the CBCT grid: 1 = scan surface matching the
-  CBCT crowns, 2 = the rest, mostly gingiva) and, for a bare STL/PLY/OBJ scan,
+  CBCT crowns, 2 = the rest, mostly gingiva), the same labels as a DICOM Segmentation
+  ``scan_segmentation.dcm`` on the CBCT's slices (single-frame CBCTs) and, for a bare STL/PLY/OBJ scan,
   ``scan_source.dcm`` (the original scan wrapped as Encapsulated STL in its own new frame,
   so the registration object has a moving instance to reference).
   A rejected registration writes no DICOM, mesh or label volume.
@@ -41,7 +42,13 @@ from fusion.records import FusionInput, FusionOutput, FusionResult
 from fusion.reg_object import InstanceRef, refs_of_volume, write_spatial_registration
 from fusion.register_surface import METHOD, apply, evaluate_gate, prepare_target, register_surface
 from fusion.surface import SurfaceScan, load_scan
-from fusion.surface_outputs import burn_scan_labels, write_encapsulated_stl, write_label_volume, write_scan_stl
+from fusion.surface_outputs import (
+    burn_scan_labels,
+    write_encapsulated_stl,
+    write_label_volume,
+    write_scan_segmentation,
+    write_scan_stl,
+)
 from fusion.versions import software_versions
 from fusion.volume import Volume, demographics_sha256, load_series
 
@@ -263,6 +270,14 @@ def fuse_surface(
         face_labels = np.where(on_crown[scan.faces].sum(axis=1) >= 2, 1, 2)
         labels = burn_scan_labels(cbct.voxels.shape, cbct.affine, v_cbct, scan.faces, face_labels)
         outputs.append(write_label_volume(labels, cbct.affine, out_dir / "scan_labels.nii.gz"))
+        if len(cbct.sop_instance_uids) == cbct.voxels.shape[0]:
+            outputs.append(write_scan_segmentation(
+                labels, cbct, out_dir / "scan_segmentation.dcm", software_versions=versions,
+                sop_instance_uid=generate_uid(entropy_srcs=["dentfuse-scan-seg", fusion_id]),
+                series_description="dentfuse intraoral scan over CBCT"))
+        else:
+            log.info("fusion %s: CBCT %s is multi-frame; the scan is written as a label volume only",
+                     fusion_id, cbct.series_instance_uid)
         timings["outputs"] = time.perf_counter() - t3
     timings["total"] = time.perf_counter() - t0
 

@@ -335,3 +335,95 @@ def write_label_volume(labels: np.ndarray, affine: np.ndarray, out_path: Path) -
     kind = "label_volume"
     media = "application/x-nifti" if out_path.name.endswith((".nii", ".nii.gz")) else "application/x-nrrd"
     return FusionOutput(kind=kind, path=str(out_path), sha256=sha256_file(out_path), media_type=media)
+
+
+def write_scan_segmentation(
+    labels: np.ndarray,
+    cbct,
+    out_path: Path,
+    *,
+    series_description: str = "dentfuse scan in CBCT",
+    software_versions: Mapping[str, str] | None = None,
+    sop_instance_uid: str | None = None,
+    series_instance_uid: str | None = None,
+    series_number: int = 9904,
+    manufacturer: str = MANUFACTURER,
+    device_serial_number: str = "dentfuse-0",
+) -> FusionOutput:
+    """Write the burned-in scan labels as a DICOM Segmentation (highdicom, BINARY) on the
+    CBCT's own slices, so a PACS viewer shows crowns and gum over the bone.
+
+    Parameters
+    ----------
+    labels:
+        (z, y, x) uint8 on the CBCT grid: 1 = scan surface on the CBCT crowns, 2 = the rest
+        (gingiva).
+    cbct:
+        The CBCT :class:`~fusion.volume.Volume` (single-frame instances: ``sop_instance_uids``
+        in slice order, ``source_paths`` the files).
+
+    Returns
+    -------
+    FusionOutput
+        kind ``segmentation``.
+
+    Raises
+    ------
+    InputError
+        The CBCT is not one single-frame instance per slice (e.g. an enhanced multi-frame
+        object): use the label volume (NIfTI) instead.
+    """
+    import highdicom as hd
+    from pydicom.sr.coding import Code
+    from pydicom.sr.codedict import codes
+
+    labels = np.asarray(labels)
+    uids = list(cbct.sop_instance_uids)
+    if len(uids) != labels.shape[0] or len(cbct.source_paths) != len(uids):
+        raise InputError(f"{out_path}: {labels.shape[0]} label slices but {len(uids)} CBCT instances; "
+                         "a Segmentation here needs one single-frame source instance per slice")
+    by_uid = {}
+    for p in cbct.source_paths:
+        ds = pydicom.dcmread(str(p), stop_before_pixels=True)
+        by_uid[str(ds.SOPInstanceUID)] = ds
+    try:
+        sources = [by_uid[u] for u in uids]  # slice order, as the label slices
+    except KeyError as exc:
+        raise InputError(f"{out_path}: CBCT instance {exc} not found among its source files") from exc
+    versions = ", ".join(f"{k} {v}" for k, v in list((software_versions or {}).items())[:4]) or "dentfuse"
+    algo = hd.AlgorithmIdentificationSequence(name="dentfuse surface fusion", version=versions[:64],
+                                              family=codes.cid7162.HistogramAnalysis)
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=1, segment_label="scan on CBCT crowns",
+            segmented_property_category=codes.SCT.Tissue, segmented_property_type=codes.SCT.Tooth,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algo),
+        hd.seg.SegmentDescription(
+            segment_number=2, segment_label="scan elsewhere (gingiva)",
+            segmented_property_category=codes.SCT.Tissue,
+            segmented_property_type=Code("113279002", "SCT", "Gingival structure"),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algo),
+    ]
+    stacked = np.stack([labels == 1, labels == 2], axis=-1)
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=stacked,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=series_instance_uid or generate_uid(),
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid or generate_uid(),
+        instance_number=1,
+        manufacturer=manufacturer,
+        manufacturer_model_name=MODEL_NAME,
+        software_versions=versions[:64],
+        device_serial_number=device_serial_number,
+        series_description=series_description[:64],
+        omit_empty_frames=True,
+    )
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    seg.save_as(str(out_path))
+    return FusionOutput(kind="segmentation", path=str(out_path), sha256=sha256_file(out_path),
+                        sop_instance_uids=(str(seg.SOPInstanceUID),), series_instance_uid=str(seg.SeriesInstanceUID),
+                        media_type="application/dicom")

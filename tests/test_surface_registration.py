@@ -140,11 +140,11 @@ def test_one_quadrant_scan(gt, target_a, upper, quadrant, record_property) -> No
     v, f = crop_to_quadrant(gt, upper, quadrant)
     assert 0.3 * upper.n_faces < len(f) < 0.6 * upper.n_faces
     mask = cusp_mask(gt, "U", quadrant)
-    means, maxes, verdicts, regs = pose_trial(gt, target_a, v, f, "p1_scan_upper", "p1_cbct_a", mask, 5, seed=13)
+    means, maxes, verdicts, regs = pose_trial(gt, target_a, v, f, "p1_scan_upper", "p1_cbct_a", mask, 4, seed=13)
     report(record_property, f"one_quadrant_U{quadrant}", means, maxes, verdicts, regs)
     # the right side, never the mirror side: a mirror fit would put cusps ~20-40 mm away
     assert maxes.max() < 0.1
-    assert verdicts == ["accepted"] * 5
+    assert verdicts == ["accepted"] * 4
 
 
 def test_other_patients_cbct_never_accepts_the_scan(gt, upper, record_property) -> None:
@@ -152,7 +152,7 @@ def test_other_patients_cbct_never_accepts_the_scan(gt, upper, record_property) 
     target = _target(gt, "p2_cbct")
     rng = np.random.default_rng(14)
     regs = [register_surface(apply(random_pose(rng), upper.vertices), upper.faces, target, gate=GATE, seed=i)
-            for i in range(3)]
+            for i in range(2)]
     verdicts = [evaluate_gate(r, GATE)[0] for r in regs]
     text = "other patient: " + ", ".join(f"{v} (inliers {r.inlier_fraction:.3f}, rms {r.inlier_rms_mm:.3f}, "
                                          f"margin {r.hypothesis_margin:.3f})" for v, r in zip(verdicts, regs))
@@ -177,7 +177,7 @@ def test_opposing_arch_only_is_not_accepted(gt, upper, small_set, record_propert
     lower = load_scan(small_set / "p1_scan" / "lower.stl")
     rng = np.random.default_rng(15)
     lower_regs, upper_regs = [], []
-    for i in range(3):
+    for i in range(2):
         pose = random_pose(rng)
         lower_regs.append(register_surface(apply(pose, lower.vertices), lower.faces, target, gate=GATE, seed=i))
         upper_regs.append(register_surface(apply(pose, upper.vertices), upper.faces, target, gate=GATE, seed=i))
@@ -189,7 +189,7 @@ def test_opposing_arch_only_is_not_accepted(gt, upper, small_set, record_propert
     print(text)
     record_property("opposing_arch", text)
     assert "accepted" not in lv
-    assert uv == ["accepted"] * 3  # the same cropped CBCT still accepts the right arch
+    assert uv == ["accepted"] * 2  # the same cropped CBCT still accepts the right arch
 
 
 def non_teeth_meshes() -> dict[str, trimesh.Trimesh]:
@@ -241,7 +241,7 @@ def test_inverted_winding_still_registers(gt, target_a, upper, record_property) 
     """A scanner exporting inward-facing triangles: the orientation is detected (convexity vote)."""
     mask = cusp_mask(gt, "U")
     means, maxes, verdicts, regs = pose_trial(gt, target_a, upper.vertices, upper.faces[:, ::-1], "p1_scan_upper",
-                                              "p1_cbct_a", mask, 2, seed=16)
+                                              "p1_cbct_a", mask, 1, seed=16)
     report(record_property, "inverted_winding", means, maxes, verdicts, regs)
-    assert verdicts == ["accepted"] * 2 and maxes.max() < 0.1
+    assert verdicts == ["accepted"] and maxes.max() < 0.1
     assert all(r.normal_sign == -1.0 for r in regs)

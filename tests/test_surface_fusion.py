@@ -72,7 +72,7 @@ def test_outputs_exist_hash_and_round_trip(dicom_scan_result: FusionResult, gt: 
     res = dicom_scan_result
     kinds = sorted(o.kind for o in res.outputs)
     assert kinds.count("qa_png") == 5
-    for kind in ("scan_stl", "encapsulated_stl", "registration", "label_volume"):
+    for kind in ("scan_stl", "encapsulated_stl", "registration", "label_volume", "segmentation"):
         assert kind in kinds
     for o in res.outputs:
         assert Path(o.path).is_file() and sha256_file(Path(o.path)) == o.sha256, o.path
@@ -106,12 +106,19 @@ def test_outputs_exist_hash_and_round_trip(dicom_scan_result: FusionResult, gt: 
         win = arr[max(idx[2] - 2, 0): idx[2] + 3, max(idx[1] - 2, 0): idx[1] + 3, max(idx[0] - 2, 0): idx[0] + 3]
         hits += bool((win == 1).any())
     assert hits == mask.sum()
+    # the same labels as a DICOM Segmentation on the CBCT's slices
+    import highdicom as hd
+
+    seg = hd.seg.segread(out_dir / "scan_segmentation.dcm")
+    assert [d.segment_label for d in seg.SegmentSequence] == ["scan on CBCT crowns", "scan elsewhere (gingiva)"]
+    assert str(seg.FrameOfReferenceUID) == gt.frame_uid("p1_cbct_a")
+    assert seg.PatientID == "DF-0001"
 
 
 def test_dicom_outputs_pass_dciodvfy(dicom_scan_result: FusionResult) -> None:
     peers = require_peer("dciodvfy")
     for o in dicom_scan_result.outputs:
-        if o.kind in ("encapsulated_stl", "registration"):
+        if o.kind in ("encapsulated_stl", "registration", "segmentation"):
             proc = subprocess.run([peers["dciodvfy"], o.path], capture_output=True, text=True)
             errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("Error")]
             assert errors == [], (o.path, errors)

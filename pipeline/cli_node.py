@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -47,7 +48,7 @@ def _print_table(title: str, columns: list[str], rows: Iterable[Iterable[Any]]) 
     squeezed to 80 columns."""
     table = Table(title=title)
     for c in columns:
-        uid_like = c in ("study", "series") or c.endswith("uid")
+        uid_like = c in ("study", "series", "sop instance", "last error") or c.endswith("uid")
         table.add_column(c, overflow="fold" if uid_like else "ellipsis", no_wrap=not uid_like)
     for r in rows:
         table.add_row(*[str(x) for x in r])
@@ -255,6 +256,43 @@ def forward_cmd(cfg_opts: dict[str, Any], as_json: bool, destination: str, paths
     finally:
         queue.close()
         trail.close()
+
+
+@node.command("queue")
+@click.option("--state", type=click.Choice(["pending", "done", "dead"]), default=None,
+              help="Only jobs in this state (default: pending and dead).")
+@click.option("--destination", default=None, help="Only jobs for this destination.")
+@click.option("--limit", type=int, default=200, show_default=True)
+@common_options
+def queue_cmd(cfg_opts: dict[str, Any], as_json: bool, state: str | None, destination: str | None,
+              limit: int) -> None:
+    """Show the PACS forwarding queue: counts, and the jobs still pending or dead with
+    their last error (revive dead ones with ``node forward DEST --retry-dead``)."""
+    from dicom_node.forward import DB_NAME, ForwardError, ForwardQueue
+
+    cfg = build_config(cfg_opts)
+    if not (cfg.data_dir / DB_NAME).is_file():
+        raise click.ClickException(f"no forwarding queue in {cfg.data_dir} (nothing was ever queued)")
+    try:
+        queue = ForwardQueue(cfg.data_dir, cfg.pacs, cfg.node.ae_title)
+    except ForwardError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        counts = queue.counts(destination)
+        states = [state] if state else ["pending", "dead"]
+        jobs = [j for s in states for j in queue.jobs(state=s, destination=destination, limit=limit)]
+    finally:
+        queue.close()
+    if as_json:
+        emit_json({"counts": counts, "jobs": [j.to_dict() for j in jobs]})
+        return
+    click.echo(", ".join(f"{k} {v}" for k, v in counts.items()))
+    if jobs:
+        _print_table("forwarding jobs", ["job", "destination", "state", "attempts", "next attempt", "sop instance",
+                                         "last error"],
+                     [(j.id, j.destination, j.state, j.attempts,
+                       _when(datetime.fromtimestamp(j.next_attempt_at, timezone.utc).isoformat())
+                       if j.state == "pending" else "", j.sop_instance_uid, j.last_error or "") for j in jobs])
 
 
 # -- query -------------------------------------------------------------------------------

@@ -86,7 +86,9 @@ class FakeSCP:
         return PacsDestination(name, self.ae_title, "127.0.0.1", self.port)
 
     def close(self) -> None:
-        self.server.shutdown()
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
 
 
 @pytest.fixture
@@ -287,6 +289,19 @@ def test_cli_forward_and_ls(tmp_path: Path, series: list[Path]) -> None:
         res = runner.invoke(main, ["node", "forward", "elsewhere", str(series[0]), "--data-dir", str(data),
                                    "--config", str(config)], env=env)
         assert res.exit_code == 2 and "unknown destination 'elsewhere'" in res.output
+        res = runner.invoke(main, ["node", "queue", "--state", "done", "--json", "--data-dir", str(data),
+                                   "--config", str(config)], env=env)
+        assert res.exit_code == 0, res.output
+        listed = json.loads(res.output)
+        assert listed["counts"]["done"] == 3 and len(listed["jobs"]) == 3
+        # the PACS goes away: the job stays pending with its error, visible in `node queue`
+        scp.close()
+        extra = make_series(tmp_path / "extra", n=1, seed=12)
+        res = runner.invoke(main, ["node", "forward", "pacs", str(extra[0]), "--data-dir", str(data),
+                                   "--config", str(config)], env=env)
+        assert res.exit_code == 1 and "pending after 1 attempt" in res.output
+        res = runner.invoke(main, ["node", "queue", "--data-dir", str(data), "--config", str(config)], env=env)
+        assert res.exit_code == 0 and "pending 1" in res.output and "no association" in res.output
     finally:
         scp.close()
 

@@ -370,7 +370,8 @@ def plan_for_patient(cfg: Config, patient_key: str, *, include_unstable: bool = 
         index.close()
 
 
-def run_jobs(cfg: Config, job_ids: list[int], timeout_s: float = 3600.0) -> list[dict[str, Any]]:
+def run_jobs(cfg: Config, job_ids: list[int], timeout_s: float = 3600.0,
+             on_poll: Any = None) -> list[dict[str, Any]]:
     """Run the given jobs here (worker processes + decision, report, PACS queueing) and wait."""
     from pipeline.bootstrap import Finisher, build_billing, fusions_dir, open_job_queue
     from pipeline.worker import WorkerPool
@@ -389,6 +390,8 @@ def run_jobs(cfg: Config, job_ids: list[int], timeout_s: float = 3600.0) -> list
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             jobs = [queue.get(j) for j in job_ids]
+            if on_poll is not None:
+                on_poll([j for j in jobs if j is not None])
             if all(j is not None and j.state in ("done", "failed", "needs_review") for j in jobs):
                 break
             time.sleep(0.2)
@@ -419,7 +422,25 @@ def plan(cfg_opts: dict[str, Any], as_json: bool, patient: str, run_now: bool, i
     again. With --run, the fusions, decisions and reports are made in this process."""
     cfg = build_config(cfg_opts)
     planned = plan_for_patient(cfg, patient, include_unstable=include_unstable)
-    ran = run_jobs(cfg, [p["job_id"] for p in planned]) if run_now and planned else []
+    ran: list[dict[str, Any]] = []
+    if run_now and planned:
+        if as_json:
+            ran = run_jobs(cfg, [p["job_id"] for p in planned])
+        else:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                          console=Console(stderr=True)) as progress:
+                tasks = {p["job_id"]: progress.add_task(f"{p['rule']} {p['fusion_id']}", total=1.0) for p in planned}
+
+                def show(jobs: list[Any]) -> None:
+                    for j in jobs:
+                        final = j.state in ("done", "failed", "needs_review")
+                        progress.update(tasks[j.job_id], completed=1.0 if final else j.progress,
+                                        description=f"{j.payload.get('rule')} {j.payload.get('fusion_id')}: "
+                                                    f"{j.state if final else j.stage}")
+
+                ran = run_jobs(cfg, [p["job_id"] for p in planned], on_poll=show)
     if as_json:
         emit_json({"planned": planned, "ran": ran})
         return
@@ -428,13 +449,26 @@ def plan(cfg_opts: dict[str, Any], as_json: bool, patient: str, run_now: bool, i
         console.print(f"nothing to fuse for {patient}: it needs two 3D inputs that a rule pairs "
                       "(CBCT + scan, CBCT + CBCT, CBCT + MR)")
         return
+    decisions: dict[str, Any] = {}
+    if ran:
+        from pipeline.bootstrap import build_billing, decision_or_none
+
+        billing = build_billing(cfg)
+        try:
+            decisions = {p["fusion_id"]: decision_or_none(billing, p["fusion_id"]) for p in planned}
+        finally:
+            billing.close()
     t = Table(title=f"fusions planned for {patient}")
-    for col in ("job", "fusion", "rule", "new?", "state"):
+    for col in ("job", "fusion", "rule", "new?", "state", "D0395 decision"):
         t.add_column(col, no_wrap=True)
+    t.add_column("error", overflow="fold")
     states = {r["job_id"]: r for r in ran}
     for p in planned:
         r = states.get(p["job_id"])
+        d = decisions.get(p["fusion_id"])
         t.add_row(str(p["job_id"]), p["fusion_id"], p["rule"], "yes" if p["created"] else "known",
-                  (r["state"] + (f" {r['verdict']}" if r["verdict"] else "") + (f": {r['error']}" if r["error"] else ""))
-                  if r else p["state"])
+                  (r["state"] + (f" {r['verdict']}" if r["verdict"] else "")) if r else p["state"],
+                  f"{d.code or 'none'} {d.status}" if d is not None else "-", (r or {}).get("error", ""))
     console.print(t)
+    if not run_now:
+        console.print("queued: a running `dentfuse serve` on this data directory runs them (or add --run)")

@@ -46,4 +46,4 @@ class SurfaceGateThresholds:
     max_hypotheses: int = 4  # global pose hypotheses refined and scored (at least 2: the margin needs a second)
     fine_sample_mm: float = 0.5  # scan sampling step of the final ICP stages
     max_scan_faces: int = 2_000_000  # reject scans declaring more faces (checked before parsing)
-    cbct_surface_step_mm: float = 0.0  # block-average finer CBCTs to about this voxel size before surface extraction (0: native)
+    cbct_surface_step_mm: float = 0.0  # block-average finer CBCTs to about this voxel size before surface extraction (0: native; keep <= 0.5)

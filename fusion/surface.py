@@ -222,8 +222,6 @@ def _count_in_stream(fh: io.BufferedIOBase, token: bytes, chunk: int = 1 << 20) 
         count += data.count(token)
         # keep the last (len-1) bytes so a token split across chunks is seen once
         tail = data[-keep:] if keep else b""
-        if tail and token in tail:  # cannot happen (tail shorter than token); defensive
-            tail = b""
     return count
 
 

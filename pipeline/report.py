@@ -230,23 +230,27 @@ def _pdf(path: Path, data: dict[str, Any], title: str) -> None:
     from reportlab.platypus import Image, Paragraph, Preformatted, SimpleDocTemplate, Spacer, Table, TableStyle
 
     styles = getSampleStyleSheet()
-    small = styles["BodyText"].clone("small", fontSize=7.5, leading=9)
+    # wordWrap="CJK" breaks long UIDs and hashes anywhere instead of running out of the cell
+    small = styles["BodyText"].clone("small", fontSize=7.5, leading=9, wordWrap="CJK")
     e = html.escape
     width = A4[0] - 30 * mm
 
     def P(text: str) -> Paragraph:
         return Paragraph(e(str(text)), small)
 
-    def table(headers: Sequence[str], rows: Sequence[Sequence[str]], widths: Sequence[float] | None = None) -> Table:
-        data_rows = [[P(h) for h in headers]] + [[P(c) for c in r] for r in rows]
-        t = Table(data_rows, colWidths=[w * width for w in widths] if widths else None, repeatRows=1)
-        t.setStyle(TableStyle([("GRID", (0, 0), (-1, -1), 0.3, colors.grey),
-                               ("BACKGROUND", (0, 0), (-1, 0), colors.whitesmoke),
-                               ("VALIGN", (0, 0), (-1, -1), "TOP")]))
+    def table(headers: Sequence[str] | None, rows: Sequence[Sequence[str]],
+              widths: Sequence[float] | None = None) -> Table:
+        head = [[P(h) for h in headers]] if headers else []
+        data_rows = head + [[P(c) for c in r] for r in rows]
+        t = Table(data_rows, colWidths=[w * width for w in widths] if widths else None, repeatRows=len(head))
+        style = [("GRID", (0, 0), (-1, -1), 0.3, colors.grey), ("VALIGN", (0, 0), (-1, -1), "TOP")]
+        style.append(("BACKGROUND", (0, 0), (-1, 0), colors.whitesmoke) if headers
+                     else ("BACKGROUND", (0, 0), (0, -1), colors.whitesmoke))
+        t.setStyle(TableStyle(style))
         return t
 
     def kv(rows: Sequence[tuple[str, str]]) -> Table:
-        return table(["", ""], rows, [0.3, 0.7])
+        return table(None, rows, [0.3, 0.7])
 
     story: list[Any] = [Paragraph(e(title), styles["Title"]), kv(data["header"]), Spacer(1, 4 * mm)]
     story += [Paragraph("Inputs", styles["Heading2"]),

@@ -282,7 +282,7 @@ def _pdf(path: Path, data: dict[str, Any], title: str) -> None:
         story += [kv(rows), Spacer(1, 2 * mm),
                   table(["rule", "title", "outcome", "reason"],
                         [[r["id"], r["title"], r["passed"], r["reason"]] for r in dec["rules"]],
-                        [0.08, 0.25, 0.08, 0.59])]
+                        [0.15, 0.22, 0.07, 0.56])]
         story.append(Paragraph("Companion codes suggested (to confirm, not billed automatically)", styles["Heading3"]))
         story.append(table(["code", "label", "why"], [[c["code"], c["label"], c["reason"]] for c in dec["companions"]],
                            [0.1, 0.35, 0.55]) if dec["companions"] else P("None."))

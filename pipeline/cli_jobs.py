@@ -214,14 +214,22 @@ def collect_status(cfg: Config, limit: int = 20) -> dict[str, Any]:
         from dicom_node.index import InstanceIndex
         from dicom_node.stability import StabilityMonitor
 
+        from pipeline.inventory import IndexInventory
+        from pipeline.planner import explain_series
+
         index = InstanceIndex(idx_path)
         monitor = StabilityMonitor(idx_path, cfg.stability)
         try:
+            inventory = IndexInventory(index, monitor, require_stable=False)
+            why: dict[str, str] = {}
+            for pk in sorted({s.patient_key for s in index.series()}):
+                why.update(explain_series(pk, inventory.stable_series(pk)))
             for s in index.series():
                 series_rows.append({"patient_key": s.patient_key, "series_instance_uid": s.series_instance_uid,
                                     "modality": s.modality, "kind": s.kind, "instances": s.instance_count,
                                     "size_bytes": s.size_bytes, "last_received_at": s.last_received_at,
-                                    "stable": monitor.is_stable(s.series_instance_uid)})
+                                    "stable": monitor.is_stable(s.series_instance_uid),
+                                    "planner": why.get(s.series_instance_uid, "")})
             out["pending_stability_events"] = len(monitor.pending_events())
         finally:
             monitor.close()
@@ -299,9 +307,10 @@ def status(cfg_opts: dict[str, Any], as_json: bool, limit: int) -> None:
     t.add_column("series UID", overflow="fold")
     for col in ("kind", "modality", "instances", "stable"):
         t.add_column(col, no_wrap=True)
+    t.add_column("fusion input?", overflow="fold")
     for s in st["series"]:
         t.add_row(s["patient_key"], s["series_instance_uid"], s["kind"], s["modality"], str(s["instances"]),
-                  "yes" if s["stable"] else "waiting")
+                  "yes" if s["stable"] else "waiting", "yes" if s["planner"] == "input" else s["planner"])
     console.print(t)
     c = st["jobs"]["counts"]
     console.print("jobs: " + (", ".join(f"{k} {v}" for k, v in c.items()) if c else "none"))

@@ -178,6 +178,11 @@ def test_serve_end_to_end_with_storescu_and_orthanc(tmp_path: Path, small_set: P
         # the planner left out the 2D image, the re-sent copy; the other patient has nothing to fuse
         rows = {s["series_instance_uid"]: s for s in st["series"]}
         assert len(rows) == 6 and all(s["stable"] for s in rows.values())
+        uid = {c: gt.case(c)["uids"]["series_instance_uid"] for c in ("p1_pano", "p1_cbct_a_resent", "p2_cbct")}
+        assert rows[uid["p1_pano"]]["planner"].startswith("2D image")
+        assert rows[uid["p1_cbct_a_resent"]]["planner"].startswith("duplicate of series")
+        assert rows[uid["p2_cbct"]]["planner"] == "input"  # an input, but alone: nothing to fuse it with
+        assert all(j["patient_key"] != "DF-0002^DENTFUSE-SIM" for j in st["jobs"]["recent"])
 
         # decisions: technically eligible, waiting for the rationale
         decisions = {f["fusion_id"]: f for f in st["fusions"]}

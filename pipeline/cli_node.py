@@ -182,7 +182,8 @@ def forward_cmd(cfg_opts: dict[str, Any], as_json: bool, destination: str, paths
                 wait_s: float) -> None:
     """Queue files (or indexed series/studies) for a configured PACS DESTINATION and deliver them.
 
-    Exits with status 1 when queued jobs remain undelivered (pending or dead).
+    Exits with status 1 when queued jobs remain undelivered (pending or dead; with
+    --no-run only dead ones count).
     """
     from dicom_node.audit import AuditTrail
     from dicom_node.forward import ForwardError, ForwardQueue, audit_sent_to
@@ -251,7 +252,10 @@ def forward_cmd(cfg_opts: dict[str, Any], as_json: bool, destination: str, paths
                        f"queue: {counts['pending']} pending, {counts['done']} done, {counts['dead']} dead")
             for j in failed[:20]:
                 click.echo(f"  job {j.id} {j.state} after {j.attempts} attempt(s): {j.last_error}", err=True)
-        if failed or (not job_ids and counts["pending"] + counts["dead"]):
+        if no_run:
+            if any(j.state == "dead" for j in failed):
+                raise SystemExit(1)
+        elif failed or (not job_ids and counts["pending"] + counts["dead"]):
             raise SystemExit(1)
     finally:
         queue.close()

@@ -302,6 +302,10 @@ def test_cli_forward_and_ls(tmp_path: Path, series: list[Path]) -> None:
         assert res.exit_code == 1 and "pending after 1 attempt" in res.output
         res = runner.invoke(main, ["node", "queue", "--data-dir", str(data), "--config", str(config)], env=env)
         assert res.exit_code == 0 and "pending 1" in res.output and "no association" in res.output
+        more = make_series(tmp_path / "more", n=1, seed=13)
+        res = runner.invoke(main, ["node", "forward", "pacs", str(more[0]), "--no-run", "--json", "--data-dir",
+                                   str(data), "--config", str(config)], env=env)
+        assert res.exit_code == 0 and json.loads(res.output)["counts"]["pending"] == 2
     finally:
         scp.close()
 

@@ -48,23 +48,18 @@ def _segments_in_plane(vertices: np.ndarray, faces: np.ndarray, axis: int, value
     side = d > 0
     cross = side.any(axis=1) & ~side.all(axis=1)
     tri, d = tri[cross], d[cross]
-    segs = []
-    for a, b in ((0, 1), (1, 2), (2, 0)):
+    pts = np.empty((len(tri), 3, 3))
+    hits = np.zeros((len(tri), 3), dtype=bool)
+    for e, (a, b) in enumerate(((0, 1), (1, 2), (2, 0))):
         da, db = d[:, a], d[:, b]
         hit = (da > 0) != (db > 0)
         t = np.where(hit, da / np.where(hit, da - db, 1.0), 0.0)
-        p = tri[:, a] + t[:, None] * (tri[:, b] - tri[:, a])
-        segs.append((hit, p))
-    pts = []
-    for hit, p in segs:
-        pts.append(np.where(hit[:, None], p, np.nan))
-    stacked = np.stack(pts, axis=1)  # (F, 3 edges, 3)
-    out = []
-    for row in stacked:
-        ok = row[~np.isnan(row[:, 0])]
-        if len(ok) >= 2:
-            out.append(ok[:2])
-    return np.array(out).reshape(-1, 2, 3)
+        pts[:, e] = tri[:, a] + t[:, None] * (tri[:, b] - tri[:, a])
+        hits[:, e] = hit
+    # a triangle crossing the plane has exactly two crossing edges (sign test is strict on one side)
+    two = hits.sum(axis=1) == 2
+    order = np.argsort(~hits[two], axis=1, kind="stable")[:, :2]
+    return np.take_along_axis(pts[two], order[:, :, None], axis=1)
 
 
 def write_contour_pictures(
@@ -113,10 +108,11 @@ def write_contour_pictures(
         pic = Image.fromarray(g).convert("RGB").resize((g.shape[1] * zoom, g.shape[0] * zoom), Image.NEAREST)
         draw = ImageDraw.Draw(pic)
         segs = _segments_in_plane(ijk, np.asarray(scan_faces), axis, float(s))
-        for seg in segs:
-            x, y = to_xy(seg)
-            draw.line([((x[0] + 0.5) * zoom, (y[0] + 0.5) * zoom), ((x[1] + 0.5) * zoom, (y[1] + 0.5) * zoom)],
-                      fill=(255, 210, 0), width=1)
+        if len(segs):
+            x0, y0 = to_xy(segs[:, 0])
+            x1, y1 = to_xy(segs[:, 1])
+            for xa, ya, xb, yb in zip((x0 + 0.5) * zoom, (y0 + 0.5) * zoom, (x1 + 0.5) * zoom, (y1 + 0.5) * zoom):
+                draw.line([(float(xa), float(ya)), (float(xb), float(yb))], fill=(255, 210, 0), width=1)
         draw.text((4, 4), f"{title}  {name} slice {s}  scan contour (yellow)", fill=(255, 255, 255))
         path = out_dir / f"qa_scan_{name}.png"
         pic.save(path)

@@ -268,8 +268,12 @@ def fuse_surface(
         # label volume: 1 = scan surface on the CBCT crowns, 2 = the rest (gingiva)
         on_crown = dist <= gate.inlier_distance_mm
         face_labels = np.where(on_crown[scan.faces].sum(axis=1) >= 2, 1, 2)
+        timings["outputs_dicom_mesh"] = time.perf_counter() - t3
+        t4 = time.perf_counter()
         labels = burn_scan_labels(cbct.voxels.shape, cbct.affine, v_cbct, scan.faces, face_labels)
         outputs.append(write_label_volume(labels, cbct.affine, out_dir / "scan_labels.nii.gz"))
+        timings["outputs_label_volume"] = time.perf_counter() - t4
+        t4 = time.perf_counter()
         if len(cbct.sop_instance_uids) == cbct.voxels.shape[0]:
             outputs.append(write_scan_segmentation(
                 labels, cbct, out_dir / "scan_segmentation.dcm", software_versions=versions,
@@ -278,6 +282,7 @@ def fuse_surface(
         else:
             log.info("fusion %s: CBCT %s is multi-frame; the scan is written as a label volume only",
                      fusion_id, cbct.series_instance_uid)
+        timings["outputs_segmentation"] = time.perf_counter() - t4
         timings["outputs"] = time.perf_counter() - t3
     timings["total"] = time.perf_counter() - t0
 

@@ -382,14 +382,22 @@ def write_scan_segmentation(
     if len(uids) != labels.shape[0] or len(cbct.source_paths) != len(uids):
         raise InputError(f"{out_path}: {labels.shape[0]} label slices but {len(uids)} CBCT instances; "
                          "a Segmentation here needs one single-frame source instance per slice")
-    by_uid = {}
+    # only the slices the scan crosses are segmented (and referenced)
+    used = np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1))
+    if used.size == 0:
+        raise InputError(f"{out_path}: the scan does not cross the CBCT grid; nothing to segment")
+    k0, k1 = int(used[0]), int(used[-1]) + 1
+    wanted = set(uids[k0:k1])
+    path_of: dict[str, str] = {}
     for p in cbct.source_paths:
-        ds = pydicom.dcmread(str(p), stop_before_pixels=True)
-        by_uid[str(ds.SOPInstanceUID)] = ds
+        uid = str(pydicom.dcmread(str(p), specific_tags=["SOPInstanceUID"]).get("SOPInstanceUID", ""))
+        if uid in wanted:
+            path_of[uid] = str(p)
     try:
-        sources = [by_uid[u] for u in uids]  # slice order, as the label slices
+        sources = [pydicom.dcmread(path_of[u], stop_before_pixels=True) for u in uids[k0:k1]]  # slice order
     except KeyError as exc:
         raise InputError(f"{out_path}: CBCT instance {exc} not found among its source files") from exc
+    labels = labels[k0:k1]
     versions = ", ".join(f"{k} {v}" for k, v in list((software_versions or {}).items())[:4]) or "dentfuse"
     algo = hd.AlgorithmIdentificationSequence(name="dentfuse surface fusion", version=versions[:64],
                                               family=codes.cid7162.HistogramAnalysis)

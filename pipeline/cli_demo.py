@@ -10,7 +10,6 @@ the FHIR and X12 exports are produced and delivered to the drop directory, and a
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass

@@ -341,8 +341,6 @@ def status(cfg_opts: dict[str, Any], as_json: bool, limit: int) -> None:
 def plan_for_patient(cfg: Config, patient_key: str, *, include_unstable: bool = False) -> list[dict[str, Any]]:
     """Plan (enqueue) the fusions of one patient from the index, as the serving planner
     would; returns the planned jobs (new or already known). Idempotent."""
-    import dataclasses
-
     from dicom_node.index import InstanceIndex
     from dicom_node.server import INDEX_FILE
     from dicom_node.stability import StabilityMonitor

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from pathlib import Path
 from typing import Any
 
 from pipeline.planner import SeriesInfo

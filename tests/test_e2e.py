@@ -215,7 +215,7 @@ def test_serve_end_to_end_with_storescu_and_orthanc(tmp_path: Path, small_set: P
         docref = next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DocumentReference")
         assert any(i.get("value") == f"{fid}-R2" for i in docref.get("identifier", [])), docref.get("identifier")
         x12 = (data / "exports" / fid / "claim.837").read_text()
-        assert "SV3*AD:D0395" in x12 and f"PWK*" in x12 and f"{fid}-R2" in x12
+        assert "SV3*AD:D0395" in x12 and "PWK*" in x12 and f"{fid}-R2" in x12
 
         # the report with the rationale is the claim attachment; its hash is in the ledger
         pdf = data / "reports" / fid / f"{fid}-R2.pdf"

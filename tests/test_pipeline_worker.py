@@ -10,8 +10,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import pytest
-
 from fusion.records import FusionInput, FusionOutput, FusionResult
 from pipeline.jobs import Job, JobSpec, SqliteJobQueue
 from pipeline.worker import RESULT_FILE, WorkerPool, owner_alive

@@ -101,13 +101,6 @@ def _shrink_to(img: sitk.Image, target_mm: float) -> sitk.Image:
     return sitk.BinShrink(img, factors) if any(f > 1 for f in factors) else img
 
 
-def _smooth_shrink(img: sitk.Image, target_mm: float) -> sitk.Image:
-    factors = [max(1, int(round(target_mm / s))) for s in img.GetSpacing()]
-    if all(f == 1 for f in factors):
-        return img
-    return sitk.BinShrink(img, factors)
-
-
 def _body_threshold(arr: np.ndarray) -> float:
     """Otsu threshold of the image (separates air/background from the body)."""
     from skimage.filters import threshold_otsu
@@ -317,17 +310,6 @@ def _run(fixed: sitk.Image, moving: sitk.Image, init: sitk.Euler3DTransform, *, 
               r.GetOptimizerIteration(), r.GetMetricValue(), time.perf_counter() - t_start,
               r.GetOptimizerStopConditionDescription()[:60])
     return t, float(r.GetMetricValue()), r.GetOptimizerStopConditionDescription(), int(r.GetOptimizerIteration())
-
-
-def _metric_value(fixed: sitk.Image, moving: sitk.Image, t: sitk.Transform, params: VolumeRegistrationParameters,
-                  samples: int, seed: int, fixed_mask: sitk.Image | None) -> float:
-    r = _method(params, samples, seed, 1, fixed_mask, 1.0)
-    r.SetMetricSamplingPercentage(min(1.0, samples / max(1, fixed.GetNumberOfPixels())), _sitk_seed(seed))
-    r.SetInitialTransform(sitk.Euler3DTransform(t), inPlace=False)
-    try:
-        return float(r.MetricEvaluate(fixed, moving))
-    except RuntimeError:
-        return 0.0
 
 
 def register_volumes(

@@ -3,7 +3,6 @@ transfer syntaxes, geometry errors naming instances, SimpleITK round trips."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,6 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from fusion.errors import GeometryError, InputError
 from fusion.volume import (
-    Volume,
     assemble_volume,
     load_series,
     volume_from_sitk,

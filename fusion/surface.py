@@ -219,7 +219,7 @@ def _count_in_stream(fh: io.BufferedIOBase, token: bytes, chunk: int = 1 << 20) 
         if not block:
             break
         data = tail + block
-        count += data.count(token)
+        count += data.lower().count(token)
         # keep the last (len-1) bytes so a token split across chunks is seen once
         tail = data[-keep:] if keep else b""
     return count
@@ -246,7 +246,9 @@ def count_faces_before_loading(path: Path, file_type: str, data: bytes | None = 
     Parameters
     ----------
     path:
-        The file (used for reading when ``data`` is None, and in messages).
+        The file (used for reading when ``data`` is None, and in messages). For PLY the
+        count is ``max(faces, vertices / 3)``: a vertex count far beyond what the faces can
+        use is as hostile as too many faces.
     file_type:
         "stl", "ply" or "obj".
     data:
@@ -281,14 +283,20 @@ def count_faces_before_loading(path: Path, file_type: str, data: bytes | None = 
         if end < 0:
             raise ScanFormatError(f"{path}: PLY header has no end_header within 4 kB; the file is malformed")
         faces = 0
+        vertices = 0
         for line in head[:end].splitlines():
             parts = line.split()
-            if len(parts) == 3 and parts[0] == b"element" and parts[1] in (b"face", b"tristrips"):
+            if len(parts) == 3 and parts[0] == b"element" and parts[1] in (b"face", b"tristrips", b"vertex"):
                 try:
-                    faces = int(parts[2])
+                    n = int(parts[2])
                 except ValueError as exc:
-                    raise ScanFormatError(f"{path}: PLY header face count {parts[2]!r} is not a number") from exc
-        return faces
+                    raise ScanFormatError(f"{path}: PLY header element count {parts[2]!r} is not a number") from exc
+                if parts[1] == b"vertex":
+                    vertices = n
+                else:
+                    faces = n
+        # a vertex count far beyond what the faces can use is as hostile as too many faces
+        return max(faces, vertices // 3)
     if file_type == "obj":
         # a polygon 'f a b c d' triangulates into (k - 2) triangles
         total = 0

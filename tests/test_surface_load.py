@@ -144,6 +144,15 @@ def test_face_ceiling_checked_before_parsing(tmp_path: Path, monkeypatch: pytest
         load_scan(tmp_path / "hostile.stl")
     with pytest.raises(ScanTooLargeError, match="bytes exceeds"):
         load_scan(tmp_path / "a.stl", max_bytes=1000)
+    # a PLY header claiming a billion vertices (and a few faces)
+    (tmp_path / "verts.ply").write_bytes(b"ply\nformat binary_little_endian 1.0\nelement vertex 1000000000\n"
+                                         b"property float x\nproperty float y\nproperty float z\nelement face 2\n"
+                                         b"property list uchar int vertex_indices\nend_header\n" + b"\0" * 64)
+    with pytest.raises(ScanTooLargeError, match="verts.ply"):
+        load_scan(tmp_path / "verts.ply")
+    # ASCII STL keywords in upper case are counted too
+    (tmp_path / "upper.stl").write_text(trimesh.exchange.stl.export_stl_ascii(m).upper())
+    assert count_faces_before_loading(tmp_path / "upper.stl", "stl") == n
 
 
 def test_write_encapsulated_stl_round_trip_and_dciodvfy(tmp_path: Path, small_set: Path) -> None:

@@ -242,44 +242,59 @@ def run_demo(data_dir: Path, *, source: Path | None = None, console: Console | N
     return DemoRun(data_dir=data_dir, port=port, timings_s=timings, received=received, fusions=fusions, paths=paths)
 
 
-def _quality_text(row: dict[str, Any]) -> str:
-    parts = []
-    for q in row.get("quality", []):
-        mark = "ok" if q["passed"] else "FAIL"
-        parts.append(f"{q['name']} {q['value']:.3g} {q['comparison']} {q['threshold']:.3g} {mark}")
-    return "\n".join(parts) or "-"
+def _short_uid(uid: str, keep: int = 10) -> str:
+    return uid if len(uid) <= keep + 1 else "\u2026" + uid[-keep:]
+
+
+def _input_note(planner: str) -> str:
+    """One short cell for 'fusion input?' (the full text is in --json and `dentfuse status`)."""
+    if planner == "input":
+        return "yes"
+    low = planner.lower()
+    if low.startswith("2d"):
+        return "no: 2D image (rule 1)"
+    if low.startswith("duplicate of series"):
+        uid = planner.split()[3] if len(planner.split()) > 3 else ""
+        return f"no: copy of {_short_uid(uid)}"
+    return planner
 
 
 def print_run(run: DemoRun, console: Console) -> None:
-    t = Table(title="received over DICOM")
-    for c in ("patient", "modality", "kind", "instances"):
+    t = Table(title="received over DICOM", title_justify="left")
+    for c in ("patient", "modality", "kind", "instances", "series"):
         t.add_column(c, no_wrap=True)
-    t.add_column("series UID", overflow="fold")
-    t.add_column("fusion input?", overflow="fold")
+    t.add_column("fusion input?")
     for r in run.received:
-        t.add_row(r["patient_key"], r["modality"], r["kind"], str(r["instances"]), r["series_instance_uid"],
-                  "yes" if r["planner"] == "input" else r["planner"])
+        t.add_row(r["patient_key"], r["modality"], r["kind"], str(r["instances"]),
+                  _short_uid(r["series_instance_uid"]), _input_note(r["planner"]))
     console.print(t)
-    t = Table(title="fusions")
-    for c in ("fusion", "rule", "fixed", "moving", "verdict"):
-        t.add_column(c, no_wrap=True)
-    t.add_column("quality (measured vs threshold)", overflow="fold")
+
+    console.print()
+    console.print("[bold]fusions[/bold]")
     for f in run.fusions:
-        t.add_row(f["fusion_id"], f["rule"], f["fixed"], f["moving"],
-                  f.get("verdict", f["job_state"] + (f": {f['error']}" if f["error"] else "")), _quality_text(f))
-    console.print(t)
-    t = Table(title="D0395 decisions")
-    for c in ("fusion", "code", "status"):
-        t.add_column(c, no_wrap=True)
-    t.add_column("reasons", overflow="fold")
-    t.add_column("companions suggested")
-    t.add_column("report", no_wrap=True)
+        verdict = f.get("verdict", f["job_state"] + (f": {f['error']}" if f["error"] else ""))
+        console.print(f"  [bold]{f['fusion_id']}[/bold] {f['rule']}: {f['moving']} \u2192 {f['fixed']}  "
+                      f"verdict [bold]{verdict}[/bold]")
+        if f.get("quality"):
+            q = Table(box=None, padding=(0, 1), show_edge=False)
+            for c in ("    check", "measured", "threshold", ""):
+                q.add_column(c, no_wrap=True)
+            for c in f["quality"]:
+                q.add_row(f"    {c['name']}", f"{c['value']:.4g}", f"{c['comparison']} {c['threshold']:.4g}",
+                          "ok" if c["passed"] else "[red]FAIL[/red]")
+            console.print(q)
+
+    console.print()
+    console.print("[bold]D0395 decisions[/bold]")
     for f in run.fusions:
         if "status" not in f:
             continue
-        t.add_row(f["fusion_id"], f.get("code") or "none", f["status"], "\n".join(f["reasons"]),
-                  ", ".join(f["companions"]) or "-", f.get("report_id") or "-")
-    console.print(t)
+        console.print(f"  [bold]{f['fusion_id']}[/bold]: code {f.get('code') or 'none'}, "
+                      f"status [bold]{f['status']}[/bold], report {f.get('report_id') or '-'}, "
+                      f"companions suggested: {', '.join(f['companions']) or '-'}")
+        for reason in f["reasons"]:
+            console.print(f"    - {reason}")
+    console.print()
     console.print(f"finished in {run.timings_s.get('total_s', 0):.1f} s "
                   f"(sent in {run.timings_s.get('send_s', 0):.1f} s, fused by {run.timings_s.get('fused_s', 0):.1f} s)")
     console.print("[bold]written:[/bold]")
@@ -287,11 +302,12 @@ def print_run(run: DemoRun, console: Console) -> None:
         if isinstance(v, list):
             console.print(f"  {k}:")
             for p in v:
-                console.print(f"    {p}")
+                console.print(f"    {p}", overflow="ignore", crop=False, soft_wrap=True)
         else:
-            console.print(f"  {k}: {v}")
-    console.print(f"next: dentfuse status --data-dir {run.data_dir}; dentfuse events --data-dir {run.data_dir}; "
-                  f"dentfuse ledger verify --data-dir {run.data_dir}")
+            console.print(f"  {k}: {v}", overflow="ignore", crop=False, soft_wrap=True)
+    console.print(f"next: dentfuse status --data-dir {run.data_dir}\n"
+                  f"      dentfuse events --data-dir {run.data_dir}\n"
+                  f"      dentfuse ledger verify --data-dir {run.data_dir}", soft_wrap=True)
 
 
 @click.command("demo")

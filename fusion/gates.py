@@ -34,7 +34,8 @@ class SurfaceGateThresholds:
     an inlier fraction of ~0.62-0.67 (the scans carry a narrow gingiva strip; DESIGN.md
     measured 0.40-0.50 on phantoms with more gingiva) and an inlier RMS of 0.05 mm (0.08 mm
     with a metal crown); the opposing arch on an upper-only CBCT reaches ~0.23 / 0.15 mm
-    with a second-best pose within 0.03 of it; non-teeth meshes stay below 0.05.
+    with a second-best pose within 0.03 of it; p1's scan on p2's CBCT (another patient)
+    0.18-0.25 / 0.15 mm; non-teeth meshes stay below 0.05.
     """
 
     inlier_distance_mm: float = 0.3  # a scan point within this distance (and agreeing normal) is an inlier

@@ -31,7 +31,7 @@ def require_peer(*programs: str) -> dict[str, str]:
     found: dict[str, str] = {}
     missing = []
     for prog in programs:
-        path = shutil.which(prog)
+        path = _which_native(prog)
         if path is None:
             missing.append(prog)
         else:
@@ -42,6 +42,22 @@ def require_peer(*programs: str) -> dict[str, str]:
             pytest.fail(msg + " and DENTFUSE_REQUIRE_PEERS=1")
         pytest.skip(msg)
     return found
+
+
+def _which_native(prog: str) -> str | None:
+    """Like ``shutil.which`` but prefers a native (ELF) program: pip-installed packages can
+    put same-named Python scripts on PATH (pynetdicom's ``storescu``/``echoscu`` apps behind
+    pyenv shims) in front of the dcmtk binaries the tests mean."""
+    first_script = None
+    for folder in os.environ.get("PATH", "").split(os.pathsep) + ["/usr/bin", "/usr/sbin"]:
+        cand = Path(folder) / prog
+        if not (cand.is_file() and os.access(cand, os.X_OK)):
+            continue
+        with open(cand, "rb") as fh:
+            if fh.read(4) == b"\x7fELF":
+                return str(cand)
+        first_script = first_script or str(cand)
+    return first_script
 
 
 def free_port() -> int:

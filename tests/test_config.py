@@ -111,3 +111,16 @@ def test_version_and_help() -> None:
     assert "dentfuse, version" in runner.invoke(main, ["--version"]).output
     res = runner.invoke(main, ["--help"])
     assert res.exit_code == 0 and "config" in res.output
+
+
+def test_every_subcommand_has_working_help() -> None:
+    """Every command the CLI lists loads and answers --help (no stale lazy entries)."""
+    from pipeline.cli import LAZY_COMMANDS
+
+    runner = CliRunner()
+    listed = runner.invoke(main, ["--help"]).output
+    for name in LAZY_COMMANDS:
+        assert name in listed, f"dentfuse {name} is not listed"
+        res = runner.invoke(main, [name, "--help"])
+        assert res.exit_code == 0, f"dentfuse {name} --help failed: {res.output}"
+        assert "Usage:" in res.output

@@ -247,6 +247,33 @@ def document_fusion(cfg: Config, fusion_id: str, rationale: str, clinician: str)
         billing.close()
 
 
+def scu_tls(cfg: Config) -> Any:
+    """A TLS client context for our SCU associations when a PACS destination asks for TLS."""
+    if not any(d.tls for d in cfg.pacs.destinations):
+        return None
+    from dicom_node.scu import client_tls_context
+
+    return client_tls_context(cfg.node.tls_ca_certificates, cfg.node.tls_certificate, cfg.node.tls_private_key)
+
+
+def scu_timeouts(cfg: Config) -> Any:
+    """Our SCU associations use the node's ACSE/DIMSE/network timeouts."""
+    from dicom_node.scu import Timeouts
+
+    return Timeouts(acse_s=cfg.node.acse_timeout_s, dimse_s=cfg.node.dimse_timeout_s,
+                    network_s=cfg.node.network_timeout_s)
+
+
+def build_forward_queue(cfg: Config, audit: Any | None = None) -> Any:
+    """The node's PACS forwarding queue from the configuration (our AE title, the node's
+    timeouts, TLS where a destination asks for it) writing an ``instances_sent`` audit row
+    per batch to ``audit`` (the node's :class:`~dicom_node.audit.AuditTrail`) when given."""
+    from dicom_node.forward import ForwardQueue, audit_sent_to
+
+    return ForwardQueue(cfg.data_dir, cfg.pacs, cfg.node.ae_title, timeouts=scu_timeouts(cfg), tls=scu_tls(cfg),
+                        on_sent=audit_sent_to(audit) if audit is not None else None)
+
+
 class App:
     """The running dentfuse: node + planner + workers + billing + forwarding.
 
@@ -275,9 +302,7 @@ class App:
         self.billing = billing if billing is not None else build_billing(cfg)
         self.forward = None
         if cfg.pacs.destinations:
-            from dicom_node.forward import ForwardQueue
-
-            self.forward = ForwardQueue(self.data_dir, cfg.pacs, cfg.node.ae_title)
+            self.forward = build_forward_queue(cfg, self.node.audit)
         self.finisher = Finisher(cfg, self.billing, self.forward)
         self.pool = WorkerPool(self.jobs, fusions_dir(self.data_dir), self.finalize, workers=cfg.fusion.workers,
                                on_job_finished=self._job_finished) if workers else None

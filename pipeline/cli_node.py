@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.cli_common import build_config, common_options, emit_json
+from pipeline.bootstrap import build_forward_queue, scu_timeouts, scu_tls
 from pipeline.config import Config
 
 INDEX_DB = "index.sqlite"
@@ -84,21 +85,6 @@ def _index(cfg: Config) -> Any:
             "(run dentfuse serve or dentfuse import, or pass --data-dir)"
         )
     return InstanceIndex(db)
-
-
-def _tls(cfg: Config) -> Any:
-    if not any(d.tls for d in cfg.pacs.destinations):
-        return None
-    from dicom_node.scu import client_tls_context
-
-    return client_tls_context(cfg.node.tls_ca_certificates, cfg.node.tls_certificate, cfg.node.tls_private_key)
-
-
-def _timeouts(cfg: Config) -> Any:
-    from dicom_node.scu import Timeouts
-
-    return Timeouts(acse_s=cfg.node.acse_timeout_s, dimse_s=cfg.node.dimse_timeout_s,
-                    network_s=cfg.node.network_timeout_s)
 
 
 @click.group()
@@ -186,7 +172,7 @@ def forward_cmd(cfg_opts: dict[str, Any], as_json: bool, destination: str, paths
     --no-run only dead ones count).
     """
     from dicom_node.audit import AuditTrail
-    from dicom_node.forward import ForwardError, ForwardQueue, audit_sent_to
+    from dicom_node.forward import ForwardError
 
     cfg = build_config(cfg_opts)
     if destination not in {d.name for d in cfg.pacs.destinations}:
@@ -212,8 +198,7 @@ def forward_cmd(cfg_opts: dict[str, Any], as_json: bool, destination: str, paths
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     trail = AuditTrail(cfg.data_dir / INDEX_DB)
     try:
-        queue = ForwardQueue(cfg.data_dir, cfg.pacs, cfg.node.ae_title, timeouts=_timeouts(cfg), tls=_tls(cfg),
-                             on_sent=audit_sent_to(trail))
+        queue = build_forward_queue(cfg, trail)
     except ForwardError as exc:
         trail.close()
         raise click.ClickException(str(exc)) from None
@@ -317,7 +302,7 @@ def query_cmd(cfg_opts: dict[str, Any], as_json: bool, pacs: str, patient_id: st
 
     cfg = build_config(cfg_opts)
     client = PacsClient(cfg.node.ae_title, _destination(cfg, pacs), model=model,
-                        timeouts=_timeouts(cfg), tls=_tls(cfg))
+                        timeouts=scu_timeouts(cfg), tls=scu_tls(cfg))
     patient_id, issuer = split_patient_key(patient_id)
     try:
         if priors or study_uid:
@@ -384,7 +369,7 @@ def retrieve_cmd(cfg_opts: dict[str, Any], as_json: bool, pacs: str, study_uid: 
     if not priors and not (study_uid and series_uids):
         raise click.UsageError("give --study and --series, or --priors --patient-id")
     client = PacsClient(cfg.node.ae_title, _destination(cfg, pacs), model=model,
-                        timeouts=_timeouts(cfg), tls=_tls(cfg))
+                        timeouts=scu_timeouts(cfg), tls=scu_tls(cfg))
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     index = InstanceIndex(cfg.data_dir / INDEX_DB)
     trail = AuditTrail(cfg.data_dir / INDEX_DB)

@@ -242,6 +242,16 @@ def test_serve_end_to_end_with_storescu_and_orthanc(tmp_path: Path, small_set: P
         orthanc.stop()
     assert code == 0, log.read_text()[-3000:]
     assert "Traceback" not in log.read_text()
+    # the transfers to the PACS are in the node's audit trail (PS3.15 A.5-style, no names)
+    from dicom_node.audit import AuditTrail
+
+    trail = AuditTrail(tmp_path / "data" / "index.sqlite")
+    try:
+        sent = trail.events("instances_sent")
+    finally:
+        trail.close()
+    assert sum(e.instance_count for e in sent) >= len(expected)
+    assert {e.peer_ae_title for e in sent} == {orthanc.ae_title}
 
 
 def test_serve_killed_during_fusion_resumes_it_once(tmp_path: Path, small_set: Path) -> None:

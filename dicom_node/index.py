@@ -322,11 +322,8 @@ class InstanceIndex:
     def instances(self, series_instance_uid: str | None = None,
                   study_instance_uid: str | None = None) -> list[ReceivedInstance]:
         """Instances of a series or study (all when neither is given), by received order."""
-        sql, args = "SELECT * FROM instances", ()
-        if series_instance_uid is not None:
-            sql, args = sql + " WHERE series_instance_uid=?", (series_instance_uid,)
-        elif study_instance_uid is not None:
-            sql, args = sql + " WHERE study_instance_uid=?", (study_instance_uid,)
+        sql, args = _where_first("SELECT * FROM instances", ("series_instance_uid", series_instance_uid),
+                                 ("study_instance_uid", study_instance_uid))
         with self._lock:
             rows = self._conn.execute(sql + " ORDER BY received_s, sop_instance_uid", args).fetchall()
         return [_instance(r) for r in rows]
@@ -339,13 +336,8 @@ class InstanceIndex:
 
     def series(self, series_instance_uid: str | None = None, study_instance_uid: str | None = None,
                patient_key: str | None = None) -> list[SeriesSummary]:
-        sql, args = "SELECT * FROM series", ()
-        if series_instance_uid is not None:
-            sql, args = sql + " WHERE series_instance_uid=?", (series_instance_uid,)
-        elif study_instance_uid is not None:
-            sql, args = sql + " WHERE study_instance_uid=?", (study_instance_uid,)
-        elif patient_key is not None:
-            sql, args = sql + " WHERE patient_key=?", (patient_key,)
+        sql, args = _where_first("SELECT * FROM series", ("series_instance_uid", series_instance_uid),
+                                 ("study_instance_uid", study_instance_uid), ("patient_key", patient_key))
         with self._lock:
             rows = self._conn.execute(sql + " ORDER BY first_received_s", args).fetchall()
         return [
@@ -357,15 +349,13 @@ class InstanceIndex:
         ]
 
     def studies(self, patient_key: str | None = None) -> list[StudySummary]:
-        sql = (
+        sql, args = _where_first(
             "SELECT st.study_instance_uid, st.patient_key, st.first_received_s, st.last_received_s, "
             "COUNT(se.series_instance_uid) AS n_series, COALESCE(SUM(se.instance_count),0) AS n, "
             "COALESCE(SUM(se.size_bytes),0) AS size FROM studies st LEFT JOIN series se "
-            "ON se.study_instance_uid=st.study_instance_uid"
+            "ON se.study_instance_uid=st.study_instance_uid",
+            ("st.patient_key", patient_key),
         )
-        args: tuple = ()
-        if patient_key is not None:
-            sql, args = sql + " WHERE st.patient_key=?", (patient_key,)
         with self._lock:
             rows = self._conn.execute(sql + " GROUP BY st.study_instance_uid ORDER BY st.first_received_s",
                                       args).fetchall()
@@ -390,9 +380,7 @@ class InstanceIndex:
         ]
 
     def duplicates(self, sop_instance_uid: str | None = None) -> list[DuplicateRecord]:
-        sql, args = "SELECT * FROM duplicates", ()
-        if sop_instance_uid is not None:
-            sql, args = sql + " WHERE sop_instance_uid=?", (sop_instance_uid,)
+        sql, args = _where_first("SELECT * FROM duplicates", ("sop_instance_uid", sop_instance_uid))
         with self._lock:
             rows = self._conn.execute(sql + " ORDER BY id", args).fetchall()
         return [
@@ -404,6 +392,18 @@ class InstanceIndex:
     def count(self) -> int:
         with self._lock:
             return int(self._conn.execute("SELECT COUNT(*) FROM instances").fetchone()[0])
+
+
+def _where_first(sql: str, *filters: tuple[str, str | None]) -> tuple[str, tuple[str, ...]]:
+    """``sql`` narrowed to the rows whose column equals the value of the first filter that
+    is given (not None), and its arguments; ``sql`` unchanged when none is given.
+
+    Filters are ``(column, value)``; columns are names written in this module, never input.
+    """
+    for column, value in filters:
+        if value is not None:
+            return f"{sql} WHERE {column}=?", (value,)
+    return sql, ()
 
 
 def _instance(r: sqlite3.Row) -> ReceivedInstance:

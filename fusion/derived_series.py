@@ -17,20 +17,22 @@ from typing import Mapping
 
 import numpy as np
 import SimpleITK as sitk
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import generate_uid
 
+from fusion.dicom_common import (
+    MANUFACTURER,
+    InstanceRef,
+    add_common_instance_reference,
+    code_item,
+    copy_patient_and_study,
+    file_meta,
+    sha256_file,
+    sop_reference,
+)
 from fusion.errors import InputError
 from fusion.records import FusionOutput
-from fusion.reg_object import (
-    PATIENT_KEYWORDS,
-    STUDY_KEYWORDS,
-    TYPE2_EMPTY,
-    InstanceRef,
-    _reference_sequences,
-    sha256_file,
-)
 from fusion.volume import Volume, volume_to_sitk
 
 log = logging.getLogger(__name__)
@@ -67,12 +69,6 @@ def resample_moving(fixed: Volume, moving: Volume, matrix_moving_to_fixed: np.nd
         default_value = float(moving.voxels.min())
     return sitk.Resample(mov, ref, moving_to_fixed_transform(matrix_moving_to_fixed), sitk.sitkLinear,
                          float(default_value), sitk.sitkFloat32)
-
-
-def _code(code: tuple[str, str, str]) -> Dataset:
-    c = Dataset()
-    c.CodeValue, c.CodingSchemeDesignator, c.CodeMeaning = code
-    return c
 
 
 def _ds(v: float) -> str:
@@ -180,23 +176,12 @@ def write_derived_series(
     nx, ny, nz = fixed.shape_xyz
     for k in range(nz):
         sop_uid = generate_uid()
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = sop_class
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        meta.ImplementationVersionName = "DENTFUSE"
         ds = Dataset()
-        ds.file_meta = meta
+        ds.file_meta = file_meta(sop_class, sop_uid)
         ds.SpecificCharacterSet = fh.get("SpecificCharacterSet", "ISO_IR 192") or "ISO_IR 192"
         ds.SOPClassUID = sop_class
         ds.SOPInstanceUID = sop_uid
-        for kw in PATIENT_KEYWORDS + STUDY_KEYWORDS:
-            if kw in fh:
-                ds[kw] = fh[kw]
-        for kw in TYPE2_EMPTY:
-            if kw not in ds:
-                setattr(ds, kw, "")
+        copy_patient_and_study(ds, fh)
         ds.Modality = modality
         ds.SeriesInstanceUID = series_uid
         ds.SeriesNumber = series_number
@@ -207,14 +192,14 @@ def write_derived_series(
         ds.PatientPosition = fh.get("PatientPosition", "") or ""
         ds.FrameOfReferenceUID = fixed.frame_of_reference_uid
         ds.PositionReferenceIndicator = fh.get("PositionReferenceIndicator", "") or ""
-        ds.Manufacturer = "dentfuse"
+        ds.Manufacturer = MANUFACTURER
         ds.ManufacturerModelName = "dentfuse fusion"
         ds.SoftwareVersions = [f"dentfuse {versions.get('dentfuse', '')}".strip()] + \
             [f"{n} {versions[n]}"[:64] for n in ("SimpleITK", "pydicom") if n in versions]
         ds.InstanceNumber = k + 1
         ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"] if sop_class == CT_IMAGE else ["DERIVED", "SECONDARY", "MPR"]
         ds.DerivationDescription = derivation_description[:1024]
-        ds.DerivationCodeSequence = DicomSequence([_code(DERIVATION_CODE)])
+        ds.DerivationCodeSequence = DicomSequence([code_item(DERIVATION_CODE)])
         lo_k, hi_k = sources[k]
         src_items = []
         if multi_frame_moving:
@@ -222,17 +207,15 @@ def write_derived_series(
         else:
             refs = [(moving.sop_instance_uids[j], None) for j in range(lo_k, hi_k + 1)] if hi_k >= lo_k else []
         for uid, _ in refs:
-            it = Dataset()
-            it.ReferencedSOPClassUID = moving.sop_class_uid
-            it.ReferencedSOPInstanceUID = uid
-            it.PurposeOfReferenceCodeSequence = DicomSequence([_code(SOURCE_FOR_PROCESSING)])
+            it = sop_reference(moving.sop_class_uid, uid)
+            it.PurposeOfReferenceCodeSequence = DicomSequence([code_item(SOURCE_FOR_PROCESSING)])
             src_items.append(it)
         if src_items:
             ds.SourceImageSequence = DicomSequence(src_items)
         # Common Instance Reference: the instances listed in the Source Image Sequence
-        _reference_sequences(ds, [InstanceRef(moving.sop_class_uid, uid, moving.series_instance_uid,
-                                              moving.study_instance_uid) for uid, _ in refs],
-                             str(fh.get("StudyInstanceUID", "")))
+        add_common_instance_reference(ds, [InstanceRef(moving.sop_class_uid, uid, moving.series_instance_uid,
+                                                       moving.study_instance_uid) for uid, _ in refs],
+                                      str(fh.get("StudyInstanceUID", "")))
         # image plane (the fixed grid)
         pos = fixed.index_to_lps(np.array([[0.0, 0.0, float(k)]]))[0]
         ds.ImagePositionPatient = [_ds(float(v)) for v in pos]

@@ -18,8 +18,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from fusion.dicom_common import sha256_file
 from fusion.records import FusionOutput
-from fusion.surface_outputs import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from fusion.dicom_common import sha256_file
 from fusion.records import FusionOutput
-from fusion.reg_object import sha256_file
 from fusion.volume import Volume
 
 log = logging.getLogger(__name__)

@@ -17,67 +17,35 @@ whose Patient and General Study attributes are copied.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence, Union
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import generate_uid
 
+# callers also import InstanceRef from here
+from fusion.dicom_common import (
+    MANUFACTURER,
+    InstanceRef,
+    RefLike,
+    add_common_instance_reference,
+    as_instance_ref,
+    code_item,
+    copy_patient_and_study,
+    file_meta,
+    sha256_file,
+    sop_reference,
+)
 from fusion.errors import InputError
 from fusion.records import FusionOutput, RigidTransform
 
 log = logging.getLogger(__name__)
 
 SPATIAL_REGISTRATION_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.1"
-MANUFACTURER = "dentfuse"
-
-#: Patient module (and common patient-level) attributes copied from ``patient_source``.
-PATIENT_KEYWORDS = (
-    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
-    "OtherPatientIDsSequence", "PatientAge", "PatientSize", "PatientWeight",
-)
-#: General Study module attributes copied from ``patient_source``.
-STUDY_KEYWORDS = (
-    "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
-    "AccessionNumber", "StudyDescription",
-)
-TYPE2_EMPTY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-               "ReferringPhysicianName", "StudyID", "AccessionNumber")
-
-
-@dataclass(frozen=True)
-class InstanceRef:
-    """A reference to one stored instance of any SOP class."""
-
-    sop_class_uid: str
-    sop_instance_uid: str
-    series_instance_uid: str
-    study_instance_uid: str
-
-
-RefLike = Union[InstanceRef, tuple[str, str, str, str]]
-
-
-def as_instance_ref(ref: RefLike) -> InstanceRef:
-    """An :class:`InstanceRef` from a record or a ``(sop_class_uid, sop_instance_uid,
-    series_instance_uid, study_instance_uid)`` tuple."""
-    if isinstance(ref, InstanceRef):
-        r = ref
-    else:
-        try:
-            r = InstanceRef(*(str(v) for v in ref))
-        except TypeError as exc:
-            raise ValueError(f"instance reference {ref!r}: expected (sop_class_uid, sop_instance_uid, "
-                             "series_instance_uid, study_instance_uid)") from exc
-    if not all((r.sop_class_uid, r.sop_instance_uid, r.series_instance_uid, r.study_instance_uid)):
-        raise ValueError(f"instance reference {r}: every UID is required")
-    return r
 
 
 def refs_of_volume(volume: object) -> tuple[InstanceRef, ...]:
@@ -104,21 +72,12 @@ IMAGE_CONTENT_CODE = ("125024", "DCM", "Image Content-based Alignment")
 _NON_IMAGE_PREFIXES = ("1.2.840.10008.5.1.4.1.1.104.", "1.2.840.10008.5.1.4.1.1.66", "1.2.840.10008.5.1.4.1.1.88.")
 
 
-def _code(code: tuple[str, str, str]) -> Dataset:
-    c = Dataset()
-    c.CodeValue, c.CodingSchemeDesignator, c.CodeMeaning = code
-    return c
-
-
 def _referenced_images(refs: Sequence[InstanceRef]) -> DicomSequence:
     items = []
     for r in refs:
         if r.sop_class_uid.startswith(_NON_IMAGE_PREFIXES):
             continue
-        i = Dataset()
-        i.ReferencedSOPClassUID = r.sop_class_uid
-        i.ReferencedSOPInstanceUID = r.sop_instance_uid
-        items.append(i)
+        items.append(sop_reference(r.sop_class_uid, r.sop_instance_uid))
     return DicomSequence(items)
 
 
@@ -129,51 +88,8 @@ def _matrix_item(matrix: np.ndarray, comment: str, code: tuple[str, str, str] = 
     reg = Dataset()
     reg.MatrixSequence = DicomSequence([m])
     reg.FrameOfReferenceTransformationComment = comment[:64]  # LO
-    reg.RegistrationTypeCodeSequence = DicomSequence([_code(code)])
+    reg.RegistrationTypeCodeSequence = DicomSequence([code_item(code)])
     return reg
-
-
-def _reference_sequences(ds: Dataset, refs: Sequence[InstanceRef], own_study: str) -> None:
-    by_study: dict[str, dict[str, list[InstanceRef]]] = {}
-    for r in refs:
-        by_study.setdefault(r.study_instance_uid, {}).setdefault(r.series_instance_uid, [])
-        if r not in by_study[r.study_instance_uid][r.series_instance_uid]:
-            by_study[r.study_instance_uid][r.series_instance_uid].append(r)
-
-    def series_items(series: Mapping[str, list[InstanceRef]]) -> DicomSequence:
-        items = []
-        for series_uid, insts in series.items():
-            s = Dataset()
-            s.SeriesInstanceUID = series_uid
-            inst_items = []
-            for r in insts:
-                i = Dataset()
-                i.ReferencedSOPClassUID = r.sop_class_uid
-                i.ReferencedSOPInstanceUID = r.sop_instance_uid
-                inst_items.append(i)
-            s.ReferencedInstanceSequence = DicomSequence(inst_items)
-            items.append(s)
-        return DicomSequence(items)
-
-    if own_study in by_study:
-        ds.ReferencedSeriesSequence = series_items(by_study[own_study])
-    others = [st for st in by_study if st != own_study]
-    if others:
-        items = []
-        for st in others:
-            it = Dataset()
-            it.StudyInstanceUID = st
-            it.ReferencedSeriesSequence = series_items(by_study[st])
-            items.append(it)
-        ds.StudiesContainingOtherReferencedInstancesSequence = DicomSequence(items)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_spatial_registration(
@@ -251,25 +167,13 @@ def write_spatial_registration(
     sop_uid = sop_instance_uid or generate_uid()
     series_uid = series_instance_uid or generate_uid()
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SPATIAL_REGISTRATION_SOP_CLASS
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = "DENTFUSE"
-
     ds = Dataset()
-    ds.file_meta = meta
+    ds.file_meta = file_meta(SPATIAL_REGISTRATION_SOP_CLASS, sop_uid)
     ds.SpecificCharacterSet = patient_source.get("SpecificCharacterSet", "ISO_IR 192") or "ISO_IR 192"
     ds.SOPClassUID = SPATIAL_REGISTRATION_SOP_CLASS
     ds.SOPInstanceUID = sop_uid
     # Patient + General Study (copied)
-    for kw in PATIENT_KEYWORDS + STUDY_KEYWORDS:
-        if kw in patient_source:
-            ds[kw] = patient_source[kw]
-    for kw in TYPE2_EMPTY:
-        if kw not in ds:
-            setattr(ds, kw, "")
+    copy_patient_and_study(ds, patient_source)
     # General Series + Spatial Registration Series
     ds.Modality = "REG"
     ds.SeriesInstanceUID = series_uid
@@ -315,7 +219,7 @@ def write_spatial_registration(
     ])
     ds.RegistrationSequence = DicomSequence([fixed_item, moving_item])
     # Common Instance Reference
-    _reference_sequences(ds, list(f_refs) + list(m_refs), study_uid)
+    add_common_instance_reference(ds, list(f_refs) + list(m_refs), study_uid)
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

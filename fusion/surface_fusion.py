@@ -35,11 +35,12 @@ import numpy as np
 from pydicom.uid import generate_uid
 
 from fusion.cbct_surface import extract_teeth_surface
+from fusion.dicom_common import InstanceRef
 from fusion.errors import FusionError, InputError, PatientMismatchError
 from fusion.gates import SurfaceGateThresholds
 from fusion.qa_surface import scan_distances, write_contour_pictures, write_distance_map
 from fusion.records import FusionInput, FusionOutput, FusionResult
-from fusion.reg_object import InstanceRef, refs_of_volume, write_spatial_registration
+from fusion.reg_object import refs_of_volume, write_spatial_registration
 from fusion.register_surface import METHOD, apply, evaluate_gate, prepare_target, register_surface
 from fusion.surface import SurfaceScan, load_scan
 from fusion.surface_outputs import (

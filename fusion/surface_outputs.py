@@ -9,7 +9,6 @@ CBCT's header) or from explicit identifiers (``patient_ids``) when there is none
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import io
 import logging
 from pathlib import Path
@@ -17,38 +16,35 @@ from typing import Iterable, Mapping
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import generate_uid
 
+# callers also import sha256_file from here
+from fusion.dicom_common import (
+    MANUFACTURER,
+    PATIENT_KEYWORDS,
+    STUDY_KEYWORDS,
+    InstanceRef,
+    add_common_instance_reference,
+    as_instance_ref,
+    copy_patient_and_study,
+    file_meta,
+    sha256_file,
+    sop_reference,
+)
 from fusion.errors import InputError
 from fusion.records import FusionOutput
-from fusion.reg_object import InstanceRef, as_instance_ref
 from fusion.surface import ENCAPSULATED_STL_SOP_CLASS, SurfaceScan
 
 log = logging.getLogger(__name__)
 
-MANUFACTURER = "dentfuse"
 MODEL_NAME = "dentfuse surface fusion"
 
-PATIENT_KEYWORDS = (
-    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
-    "OtherPatientIDsSequence", "PatientAge",
-)
-STUDY_KEYWORDS = (
-    "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
-    "AccessionNumber", "StudyDescription",
-)
-_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-          "ReferringPhysicianName", "StudyID", "AccessionNumber")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+#: Patient and General Study attributes copied from ``patient_source``: the usual ones
+#: except Patient's Size and Weight, which Encapsulated STL instances have never carried.
+_COPIED_KEYWORDS = tuple(kw for kw in PATIENT_KEYWORDS + STUDY_KEYWORDS
+                         if kw not in ("PatientSize", "PatientWeight"))
 
 
 def _arrays(mesh_or_scan) -> tuple[np.ndarray, np.ndarray]:
@@ -89,46 +85,8 @@ def write_scan_stl(mesh_or_scan, out_path: Path, *, header: str = "dentfuse scan
 
 def _common_instance_reference(ds: Dataset, refs: list[InstanceRef]) -> None:
     """Source Instance Sequence plus the Common Instance Reference module it requires."""
-    src = []
-    by_study: dict[str, dict[str, list[InstanceRef]]] = {}
-    for r in refs:
-        item = Dataset()
-        item.ReferencedSOPClassUID = r.sop_class_uid
-        item.ReferencedSOPInstanceUID = r.sop_instance_uid
-        src.append(item)
-        series = by_study.setdefault(r.study_instance_uid, {}).setdefault(r.series_instance_uid, [])
-        if r not in series:
-            series.append(r)
-    ds.SourceInstanceSequence = DicomSequence(src)
-
-    def series_items(series: Mapping[str, list[InstanceRef]]) -> DicomSequence:
-        items = []
-        for series_uid, insts in series.items():
-            it = Dataset()
-            it.SeriesInstanceUID = series_uid
-            inst_items = []
-            for r in insts:
-                i = Dataset()
-                i.ReferencedSOPClassUID = r.sop_class_uid
-                i.ReferencedSOPInstanceUID = r.sop_instance_uid
-                inst_items.append(i)
-            it.ReferencedInstanceSequence = DicomSequence(inst_items)
-            items.append(it)
-        return DicomSequence(items)
-
-    own = str(ds.StudyInstanceUID)
-    if own in by_study:
-        ds.ReferencedSeriesSequence = series_items(by_study[own])
-    others = []
-    for st, series in by_study.items():
-        if st == own:
-            continue
-        it = Dataset()
-        it.StudyInstanceUID = st
-        it.ReferencedSeriesSequence = series_items(series)
-        others.append(it)
-    if others:
-        ds.StudiesContainingOtherReferencedInstancesSequence = DicomSequence(others)
+    ds.SourceInstanceSequence = DicomSequence([sop_reference(r.sop_class_uid, r.sop_instance_uid) for r in refs])
+    add_common_instance_reference(ds, refs, str(ds.StudyInstanceUID))
 
 
 def write_encapsulated_stl(
@@ -170,7 +128,7 @@ def write_encapsulated_stl(
         ``StudyDate`` ...), used when there is no source dataset or to override it. A new
         Study Instance UID is generated when none is given.
     source_refs:
-        Instances the mesh derives from: :class:`fusion.reg_object.InstanceRef` or
+        Instances the mesh derives from: :class:`fusion.dicom_common.InstanceRef` or
         ``(sop_class_uid, sop_instance_uid, series_instance_uid, study_instance_uid)``
         tuples; listed in Source Instance Sequence and the Common Instance Reference module.
 
@@ -196,12 +154,7 @@ def write_encapsulated_stl(
 
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"
-    for kw in _TYPE2:
-        setattr(ds, kw, "")
-    if patient_source is not None:
-        for kw in PATIENT_KEYWORDS + STUDY_KEYWORDS:
-            if kw in patient_source:
-                ds[kw] = patient_source[kw]
+    copy_patient_and_study(ds, patient_source, _COPIED_KEYWORDS)
     for kw, val in (patient_ids or {}).items():
         setattr(ds, kw, val)
     if not str(ds.get("PatientID", "")):
@@ -246,13 +199,7 @@ def write_encapsulated_stl(
     ds.EncapsulatedDocumentLength = len(payload)
     ds.EncapsulatedDocument = payload + (b"\x00" if len(payload) % 2 else b"")
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ENCAPSULATED_STL_SOP_CLASS
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = "DENTFUSE"
-    ds.file_meta = meta
+    ds.file_meta = file_meta(ENCAPSULATED_STL_SOP_CLASS, sop_uid)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(str(out_path), enforce_file_format=True)

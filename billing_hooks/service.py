@@ -269,7 +269,10 @@ class BillingHook:
                  ",".join(decision.failed) or "none")
         return decision
 
-    def _redecide(self, fusion_id: str, *, rationale: str, clinician: str) -> BillingDecision:
+    def preview_documentation(self, fusion_id: str, *, rationale: str, clinician: str) -> BillingDecision:
+        """The decision that :meth:`document` would reach with this rationale, without
+        recording anything (the pipeline renders it in the report version that shows the
+        rationale before the claim is exported)."""
         result = self.fusion_result(fusion_id)
         checks = self._output_checks(result)
         recorded = self._latest(fusion_id, "fusion_recorded")
@@ -320,7 +323,7 @@ class BillingHook:
         """Ledger the clinical rationale (rule 8) and decide again (needs_documentation ->
         ready_to_bill); when a report is attached, export the claim with the latest report
         as its attachment (the pipeline attaches a report version showing the rationale
-        before documenting, see :meth:`_redecide` for the preview it is written from).
+        before documenting, see :meth:`preview_documentation` for the preview it is written from).
 
         Raises
         ------
@@ -336,7 +339,7 @@ class BillingHook:
         with self.ledger.transaction():
             self.ledger.append("documentation", {"rationale": rationale.strip(), "clinician": clinician.strip()},
                                fusion_id=fusion_id, patient_key=current.patient_key)
-            decision = self._redecide(fusion_id, rationale=rationale.strip(), clinician=clinician.strip())
+            decision = self.preview_documentation(fusion_id, rationale=rationale.strip(), clinician=clinician.strip())
             self.ledger.append("decision", decision.to_dict(), fusion_id=fusion_id, patient_key=current.patient_key)
         self._maybe_export(fusion_id)
         return self.require_decision(fusion_id)

@@ -200,9 +200,7 @@ class Finisher:
             raise ValueError("documentation needs a rationale and the documenting clinician")
         current = self.billing.decision(fusion_id)
         if current.status != "exported":
-            redecide = getattr(self.billing, "_redecide", None)
-            preview = (redecide(fusion_id, rationale=rationale, clinician=clinician) if redecide is not None
-                       else dataclasses.replace(current, rationale=rationale, clinician=clinician))
+            preview = self.billing.preview_documentation(fusion_id, rationale=rationale, clinician=clinician)
             self.ensure_report(self.load_result(fusion_id), preview)
         self.billing.document(fusion_id, rationale=rationale, clinician=clinician)
         self.follow_up_documentation(only=fusion_id)

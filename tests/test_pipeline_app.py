@@ -82,7 +82,7 @@ class FakeBilling:
         self.calls.append(("attach_report", report_id))
         self.decisions_by_id[fusion_id] = dataclasses.replace(self.decisions_by_id[fusion_id], report_id=report_id)
 
-    def _redecide(self, fusion_id: str, *, rationale: str, clinician: str) -> Any:
+    def preview_documentation(self, fusion_id: str, *, rationale: str, clinician: str) -> Any:
         return dataclasses.replace(self.decisions_by_id[fusion_id], status="ready_to_bill", rationale=rationale,
                                    clinician=clinician)
 

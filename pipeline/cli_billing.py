@@ -131,11 +131,13 @@ def events(cfg_opts: dict[str, Any], as_json: bool, fusion_id: str | None, kind:
         emit_json([e.to_dict() for e in entries])
         return
     table = Table(title=f"dentfuse ledger ({len(entries)} entries)")
-    for col in ("seq", "recorded (UTC)", "kind", "fusion", "patient"):
-        table.add_column(col, no_wrap=True)
-    table.add_column("summary")
-    for e in entries:
-        table.add_row(str(e.seq), e.recorded_at[:19].replace("T", " "), e.kind, e.fusion_id, e.patient_key,
+    table.add_column("seq", no_wrap=True, justify="right", min_width=len(str(entries[-1].seq)) if entries else 3)
+    table.add_column("recorded (UTC)", no_wrap=True, min_width=19)
+    table.add_column("kind", no_wrap=True, min_width=max((len(e.kind) for e in entries), default=4))
+    table.add_column("fusion", no_wrap=True, min_width=max((len(e.fusion_id) for e in entries), default=6))
+    table.add_column("summary", overflow="fold")
+    for e in entries:  # the patient key is in --json and filterable with --patient
+        table.add_row(str(e.seq), e.recorded_at[:19].replace("T", " "), e.kind, e.fusion_id,
                       _summary(e.kind, dict(e.event)))
     Console().print(table)
 

@@ -60,3 +60,21 @@ def setup_logging(verbose: int = 0) -> None:
 
 def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def short_uid(uid: str, keep: int = 10) -> str:
+    """A UID shortened for a human table (the full value is in ``--json``)."""
+    return uid if len(uid) <= keep + 1 else "\u2026" + uid[-keep:]
+
+
+def input_note(planner: str) -> str:
+    """One short cell saying whether a series is a fusion input (full text in ``--json``)."""
+    if planner == "input":
+        return "yes"
+    low = planner.lower()
+    if low.startswith("2d"):
+        return "no: 2D image (rule 1)"
+    if low.startswith("duplicate of series"):
+        words = planner.split()
+        return f"no: copy of {short_uid(words[3]) if len(words) > 3 else 'another series'}"
+    return planner

@@ -24,7 +24,7 @@ from rich.table import Table
 
 import pipeline
 from pipeline.bootstrap import decision_or_none
-from pipeline.cli_common import common_options, emit_json
+from pipeline.cli_common import common_options, emit_json, input_note, short_uid
 from pipeline.config import ConfigError, load_config
 
 log = logging.getLogger(__name__)
@@ -242,23 +242,6 @@ def run_demo(data_dir: Path, *, source: Path | None = None, console: Console | N
     return DemoRun(data_dir=data_dir, port=port, timings_s=timings, received=received, fusions=fusions, paths=paths)
 
 
-def _short_uid(uid: str, keep: int = 10) -> str:
-    return uid if len(uid) <= keep + 1 else "\u2026" + uid[-keep:]
-
-
-def _input_note(planner: str) -> str:
-    """One short cell for 'fusion input?' (the full text is in --json and `dentfuse status`)."""
-    if planner == "input":
-        return "yes"
-    low = planner.lower()
-    if low.startswith("2d"):
-        return "no: 2D image (rule 1)"
-    if low.startswith("duplicate of series"):
-        uid = planner.split()[3] if len(planner.split()) > 3 else ""
-        return f"no: copy of {_short_uid(uid)}"
-    return planner
-
-
 def print_run(run: DemoRun, console: Console) -> None:
     t = Table(title="received over DICOM", title_justify="left")
     for c in ("patient", "modality", "kind", "instances", "series"):
@@ -266,7 +249,7 @@ def print_run(run: DemoRun, console: Console) -> None:
     t.add_column("fusion input?")
     for r in run.received:
         t.add_row(r["patient_key"], r["modality"], r["kind"], str(r["instances"]),
-                  _short_uid(r["series_instance_uid"]), _input_note(r["planner"]))
+                  short_uid(r["series_instance_uid"]), input_note(r["planner"]))
     console.print(t)
 
     console.print()

@@ -15,7 +15,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.cli_common import build_config, common_options, emit_json
+from pipeline.cli_common import build_config, common_options, emit_json, input_note, short_uid
 from pipeline.config import Config
 
 log = logging.getLogger(__name__)
@@ -303,14 +303,13 @@ def status(cfg_opts: dict[str, Any], as_json: bool, limit: int) -> None:
     exists = Path(st["data_dir"]).is_dir()
     console.print(f"data directory: {st['data_dir']}" + ("" if exists else " (does not exist: nothing received yet)"))
     t = Table(title="received series")
-    t.add_column("patient", no_wrap=True)
-    t.add_column("series UID", overflow="fold")
-    for col in ("kind", "modality", "instances", "stable"):
+    t.add_column("patient", overflow="fold")
+    for col in ("series", "kind", "modality", "instances", "stable"):
         t.add_column(col, no_wrap=True)
     t.add_column("fusion input?", overflow="fold")
     for s in st["series"]:
-        t.add_row(s["patient_key"], s["series_instance_uid"], s["kind"], s["modality"], str(s["instances"]),
-                  "yes" if s["stable"] else "waiting", "yes" if s["planner"] == "input" else s["planner"])
+        t.add_row(s["patient_key"], short_uid(s["series_instance_uid"]), s["kind"], s["modality"],
+                  str(s["instances"]), "yes" if s["stable"] else "waiting", input_note(s["planner"]))
     console.print(t)
     c = st["jobs"]["counts"]
     console.print("jobs: " + (", ".join(f"{k} {v}" for k, v in c.items()) if c else "none"))

@@ -65,7 +65,8 @@ def build_billing(cfg: Config, clock: Callable[[], Any] | None = None) -> Any:
     return BillingHook(Path(cfg.data_dir), b.policy, b.delivery, provider=provider, clock=clock)
 
 
-def _is_dicom_file(path: Path) -> bool:
+def is_dicom_file(path: Path) -> bool:
+    """A DICOM Part 10 file (preamble + ``DICM``)."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)
@@ -174,7 +175,7 @@ class Finisher:
             p = Path(out.path)
             files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
             for f in files:
-                if not _is_dicom_file(f):  # e.g. the SHA256SUMS manifest of a derived series
+                if not is_dicom_file(f):  # e.g. the SHA256SUMS manifest of a derived series
                     continue
                 for dest in self.cfg.pacs.destinations:
                     self.forward.enqueue(f, dest.name)

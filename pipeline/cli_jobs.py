@@ -15,6 +15,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.bootstrap import is_dicom_file
 from pipeline.cli_common import build_config, common_options, emit_json, input_note, short_uid
 from pipeline.config import Config
 
@@ -28,16 +29,6 @@ class ImportProblem(click.ClickException):
 
 
 # ------------------------------------------------------------------------------ import
-def is_dicom_file(path: Path) -> bool:
-    """A DICOM Part 10 file (preamble + ``DICM``)."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
-
-
 @dataclass(frozen=True)
 class MeshIdentity:
     patient_id: str

@@ -225,7 +225,7 @@ class InstanceIndex:
                      rec.sha256, rec.size_bytes, rec.transfer_syntax_uid, rec.calling_ae_title,
                      rec.received_at, now),
                 )
-                self._touch(c, rec, patient_id, issuer_of_patient_id, now)
+                self._touch(c, rec, patient_id, issuer_of_patient_id, now, added=True)
         except sqlite3.IntegrityError as exc:
             raise NodeIndexError(
                 f"instance {rec.sop_instance_uid} is already indexed; use replace()"
@@ -282,7 +282,13 @@ class InstanceIndex:
             return True
 
     def _touch(self, c: sqlite3.Connection, rec: ReceivedInstance, patient_id: str,
-               issuer: str, now: float) -> None:
+               issuer: str, now: float, added: bool = False) -> None:
+        """Upsert the patient, study and series of ``rec`` and bump the series' generation.
+
+        ``added``: ``rec`` is a row just inserted (not a replacement), so the series'
+        count and size grow by exactly this instance; updated in the same statement
+        instead of re-counting the whole series (which made each insert O(series size)).
+        """
         c.execute(
             "INSERT INTO patients VALUES (?,?,?,?,?) ON CONFLICT(patient_key) DO UPDATE SET "
             "last_received_s=max(last_received_s, excluded.last_received_s)",
@@ -293,6 +299,19 @@ class InstanceIndex:
             "last_received_s=max(last_received_s, excluded.last_received_s)",
             (rec.study_instance_uid, rec.patient_key, now, now),
         )
+        if added:
+            c.execute(
+                "INSERT INTO series(series_instance_uid,study_instance_uid,patient_key,modality,kind,"
+                "instance_count,size_bytes,first_received_s,last_received_s,generation) "
+                "VALUES (?,?,?,?,?,1,?,?,?,1) "
+                "ON CONFLICT(series_instance_uid) DO UPDATE SET "
+                "last_received_s=max(last_received_s, excluded.last_received_s), "
+                "instance_count=instance_count+1, size_bytes=size_bytes+excluded.size_bytes, "
+                "generation=generation+1",
+                (rec.series_instance_uid, rec.study_instance_uid, rec.patient_key, rec.modality,
+                 rec.kind, rec.size_bytes, now, now),
+            )
+            return
         c.execute(
             "INSERT INTO series(series_instance_uid,study_instance_uid,patient_key,modality,kind,"
             "first_received_s,last_received_s) VALUES (?,?,?,?,?,?,?) "

@@ -124,8 +124,8 @@ def inspect_instance(
     """
     path = Path(path)
     try:
-        size = path.stat().st_size
         with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
             try:
                 read_preamble(fh, False)
                 meta = _read_file_meta_info(fh)
@@ -141,7 +141,10 @@ def inspect_instance(
                 raise InstanceRejected(Status.CANNOT_UNDERSTAND,
                                        f"transfer syntax {ts[:64]} is not accepted")
             attrs = _scan_dataset(fh, size, ts)
-        sha = _sha256_from(path, offset)
+            # Same handle, no second open: the file was just written, so this reads the
+            # page cache once, in large blocks.
+            fh.seek(offset)
+            sha = _sha256_of(fh)
     except InstanceRejected:
         raise
     except OSError as exc:
@@ -269,13 +272,28 @@ def _scan_plain(fh: BinaryIO, size: int, implicit: bool) -> dict[str, str]:
     return attrs
 
 
-def _sha256_from(path: Path, offset: int) -> str:
+_HASH_BLOCK = 1 << 20
+
+
+def _sha256_of(fh: BinaryIO) -> str:
+    """sha256 of ``fh`` from its position to the end (one reused buffer, no copies)."""
     h = hashlib.sha256()
+    buf = bytearray(_HASH_BLOCK)
+    view = memoryview(buf)
+    readinto = getattr(fh, "readinto", None)
+    if readinto is None:  # pragma: no cover - every file object we open has readinto
+        while chunk := fh.read(_HASH_BLOCK):
+            h.update(chunk)
+        return h.hexdigest()
+    while n := readinto(buf):
+        h.update(view[:n])
+    return h.hexdigest()
+
+
+def _sha256_from(path: Path, offset: int) -> str:
     with open(path, "rb") as fh:
         fh.seek(offset)
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+        return _sha256_of(fh)
 
 
 def accept_instance(

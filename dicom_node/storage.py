@@ -66,6 +66,8 @@ class InstanceStore:
         self.data_dir = Path(data_dir).expanduser().absolute()  # index paths are absolute
         self.root = self.data_dir / INSTANCES_DIR
         self.incoming_dir = self.root / INCOMING_DIR
+        self._root_prefix = os.path.normpath(str(self.root)) + os.sep
+        self._root_resolved: Path | None = None
         try:
             self.incoming_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -85,11 +87,22 @@ class InstanceStore:
         return self.root / study / series / name
 
     def is_inside(self, path: Path) -> bool:
+        """True when ``path`` resolves (symbolic links followed) to a place under the store."""
+        if self._root_resolved is None:
+            self._root_resolved = self.root.resolve()
         try:
-            Path(path).resolve().relative_to(self.root.resolve())
+            Path(path).resolve().relative_to(self._root_resolved)
         except ValueError:
             return False
         return True
+
+    def _is_under_root(self, path: Path) -> bool:
+        """Lexical check (no file-system calls): the normalised path lies under the store
+        root. Used for paths this store built itself from validated UIDs
+        (:meth:`final_path`), where no ``..`` or separator can come from input; anything
+        that fails it gets the full :meth:`is_inside` check."""
+        p = str(path)
+        return (p.startswith(self._root_prefix) and os.path.normpath(p) == p) or self.is_inside(path)
 
     # -- temporary files -------------------------------------------------------------
     def new_temp_file(self) -> tuple[Path, BinaryIO]:
@@ -139,7 +152,7 @@ class InstanceStore:
             store, or an OS error (e.g. disk full: ``errno`` is kept in ``__cause__``).
         """
         final_path = Path(final_path)
-        if not self.is_inside(final_path):
+        if not self._is_under_root(final_path):
             raise StorageError(f"refusing to write {final_path}: outside {self.root}")
         try:
             fsync_file(tmp_path)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import zlib
@@ -44,6 +45,18 @@ LOG = logging.getLogger(__name__)
 DEFER_SIZE = 1024  # element values above this are skipped, not read
 MAX_INFLATED_BYTES = 4 << 30  # a deflated dataset may not inflate beyond 4 GiB
 _IMPLICIT = "1.2.840.10008.1.2"
+
+# The VR each wanted attribute has in the data dictionary (a value whose raw bytes are
+# plain ASCII, see _decode_plain_ascii, is decoded without pydicom's value machinery).
+_WANTED_VR = {
+    Tag(0x0008, 0x0016): "UI", Tag(0x0008, 0x0018): "UI", Tag(0x0020, 0x000D): "UI",
+    Tag(0x0020, 0x000E): "UI", Tag(0x0010, 0x0020): "LO", Tag(0x0010, 0x0021): "LO",
+    Tag(0x0008, 0x0060): "CS", Tag(0x0008, 0x0005): "CS",
+}
+# printable ASCII without backslash (value separator) and tilde (differs in JIS X 0201),
+# then only padding: such bytes decode to the same text in every DICOM character set
+# without code extensions (ESC is excluded too), and hold a single value
+_PLAIN_ASCII = re.compile(rb"[\x20-\x5b\x5d-\x7d]*[\x00 ]*")
 
 _WANTED = {
     Tag(0x0008, 0x0016): "SOPClassUID",
@@ -262,6 +275,10 @@ def _scan_plain(fh: BinaryIO, size: int, implicit: bool) -> dict[str, str]:
     for tag, name in _WANTED.items():
         if tag not in ds:
             continue
+        fast = _decode_plain_ascii(ds, tag)
+        if fast is not None:
+            attrs[name] = fast
+            continue
         try:
             value = ds[tag].value
         except Exception as exc:  # noqa: BLE001
@@ -270,6 +287,27 @@ def _scan_plain(fh: BinaryIO, size: int, implicit: bool) -> dict[str, str]:
             value = "\\".join(str(v) for v in value)
         attrs[name] = str(value).strip() if value is not None else ""
     return attrs
+
+
+def _decode_plain_ascii(ds: Dataset, tag: int) -> str | None:
+    """The stripped text of a wanted element whose raw value is plain ASCII with the
+    expected VR: what pydicom's conversion (decode, rstrip NULs and spaces) followed by
+    ``str.strip()`` gives, without its per-value machinery; None when the raw value needs
+    pydicom (other VR, multi-valued, non-ASCII, code extensions, strict validation)."""
+    raw = ds.get_item(tag)
+    vr = getattr(raw, "VR", None)
+    value = getattr(raw, "value", None)
+    if not isinstance(value, bytes) or vr not in (None, _WANTED_VR[tag]):
+        return None
+    if _strict_reading() or _PLAIN_ASCII.fullmatch(value) is None:
+        return None
+    return value.decode("ascii").rstrip("\0 ").strip()
+
+
+def _strict_reading() -> bool:
+    from pydicom import config as _pconfig
+
+    return _pconfig.settings.reading_validation_mode == _pconfig.RAISE
 
 
 _HASH_BLOCK = 1 << 20

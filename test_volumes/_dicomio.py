@@ -92,6 +92,25 @@ def _equipment(ds: Dataset, equipment: dict) -> None:
     ds.StationName = equipment.get("station", "SYNTH01")
 
 
+def _new_instance(sop_class: str, sop_uid: str, modality: str, *, patient: Patient, study: dict,
+                  series: dict, equipment: dict) -> Dataset:
+    """A dataset with the file meta, patient, study, equipment, SOP common and series
+    attributes every instance written here shares."""
+    ds = Dataset()
+    ds.file_meta = _file_meta(sop_class, sop_uid)
+    _patient_study(ds, patient, study)
+    _equipment(ds, equipment)
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    ds.InstanceCreationDate = series["date"]
+    ds.InstanceCreationTime = series["time"]
+    ds.Modality = modality
+    ds.SeriesInstanceUID = series["uid"]
+    ds.SeriesNumber = series["number"]
+    ds.SeriesDescription = series["description"]
+    return ds
+
+
 def write_image_series(folder: Path, stored: np.ndarray, grid: Grid, *, sop_class: str,
                        modality: str, patient: Patient, study: dict, series: dict,
                        equipment: dict, sop_uids: list[str], frame_of_reference_uid: str,
@@ -108,19 +127,9 @@ def write_image_series(folder: Path, stored: np.ndarray, grid: Grid, *, sop_clas
         if k in skip_slices:
             continue
         pos = np.array(grid.origin) + normal * grid.spacing[2] * k
-        ds = Dataset()
-        ds.file_meta = _file_meta(sop_class, sop_uids[k])
-        _patient_study(ds, patient, study)
-        _equipment(ds, equipment)
-        ds.SOPClassUID = sop_class
-        ds.SOPInstanceUID = sop_uids[k]
-        ds.InstanceCreationDate = series["date"]
-        ds.InstanceCreationTime = series["time"]
+        ds = _new_instance(sop_class, sop_uids[k], modality, patient=patient, study=study, series=series,
+                           equipment=equipment)
         ds.ImageType = extra.get("ImageType", ["ORIGINAL", "PRIMARY", "AXIAL"])
-        ds.Modality = modality
-        ds.SeriesInstanceUID = series["uid"]
-        ds.SeriesNumber = series["number"]
-        ds.SeriesDescription = series["description"]
         ds.SeriesDate = series["date"]
         ds.SeriesTime = series["time"]
         ds.AcquisitionDate = series["date"]
@@ -166,19 +175,9 @@ def write_image_series(folder: Path, stored: np.ndarray, grid: Grid, *, sop_clas
 def write_dx(path: Path, stored: np.ndarray, pixel_mm: float, *, patient: Patient, study: dict,
              series: dict, equipment: dict, sop_uid: str) -> None:
     """A 2D panoramic radiograph as a Digital X-Ray (For Presentation) instance."""
-    ds = Dataset()
-    ds.file_meta = _file_meta(DX_PRESENTATION_STORAGE, sop_uid)
-    _patient_study(ds, patient, study)
-    _equipment(ds, equipment)
-    ds.SOPClassUID = DX_PRESENTATION_STORAGE
-    ds.SOPInstanceUID = sop_uid
-    ds.InstanceCreationDate = series["date"]
-    ds.InstanceCreationTime = series["time"]
+    ds = _new_instance(DX_PRESENTATION_STORAGE, sop_uid, "DX", patient=patient, study=study, series=series,
+                       equipment=equipment)
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    ds.Modality = "DX"
-    ds.SeriesInstanceUID = series["uid"]
-    ds.SeriesNumber = series["number"]
-    ds.SeriesDescription = series["description"]
     ds.SeriesDate = series["date"]
     ds.SeriesTime = series["time"]
     ds.AcquisitionDate = series["date"]
@@ -236,18 +235,8 @@ def write_encapsulated_stl(path: Path, stl_bytes: bytes, *, patient: Patient, st
                            series: dict, equipment: dict, sop_uid: str,
                            frame_of_reference_uid: str, title: str) -> None:
     """An Encapsulated STL instance (the module list stl2dcm writes, with real values)."""
-    ds = Dataset()
-    ds.file_meta = _file_meta(ENCAPSULATED_STL_STORAGE, sop_uid)
-    _patient_study(ds, patient, study)
-    _equipment(ds, equipment)
-    ds.SOPClassUID = ENCAPSULATED_STL_STORAGE
-    ds.SOPInstanceUID = sop_uid
-    ds.InstanceCreationDate = series["date"]
-    ds.InstanceCreationTime = series["time"]
-    ds.Modality = "M3D"
-    ds.SeriesInstanceUID = series["uid"]
-    ds.SeriesNumber = series["number"]
-    ds.SeriesDescription = series["description"]
+    ds = _new_instance(ENCAPSULATED_STL_STORAGE, sop_uid, "M3D", patient=patient, study=study, series=series,
+                       equipment=equipment)
     ds.InstanceNumber = 1
     ds.ContentDate = series["date"]
     ds.ContentTime = series["time"]

@@ -13,7 +13,16 @@ newest entries is detected against a head file (``<db>.head``) written after eac
 
 Durability: ``synchronous=FULL`` by default (a committed entry survives power loss; WAL
 mode makes that one fsync per commit); ``NORMAL`` survives a process crash but may lose
-the newest commits on power loss.
+the newest commits on power loss. :meth:`Ledger.append` and :meth:`Ledger.transaction`
+return only once their entries are committed.
+
+Group commit: when several threads write at once, their transactions share one SQLite
+commit (one fsync). Each caller's block runs alone, in order, inside a savepoint of the
+shared transaction (a block that raises is rolled back to its savepoint and affects no
+one else); the block after which nobody is waiting commits for all of them, and the
+others wait until that commit is done before they return. A single writer commits every
+transaction by itself, exactly as before. Readers outside a transaction use their own
+connection and see committed entries only.
 """
 
 from __future__ import annotations
@@ -55,9 +64,16 @@ BEGIN SELECT RAISE(ABORT, 'the dentfuse ledger is append-only'); END;
 """
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+_INSERT = ("INSERT INTO ledger(seq, kind, fusion_id, patient_key, recorded_at, entry, hash) "
+           "VALUES (?,?,?,?,?,?,?)")
+
+
 def canonical_json(obj: Any) -> str:
     """Sorted keys, no whitespace, UTF-8 text (not ASCII-escaped), no NaN/Infinity."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return _CANONICAL.encode(obj)
 
 
 def entry_hash(text: str) -> str:
@@ -135,8 +151,27 @@ class VerifyReport:
         return min(self.problems, key=lambda p: p.seq) if self.problems else None
 
 
+@dataclass(eq=False)
+class _Request:
+    """A standalone :meth:`Ledger.append` waiting to be written by the leader."""
+
+    kind: str
+    event: Mapping[str, Any]
+    fusion_id: str
+    patient_key: str
+    at: datetime | None
+    wake: Any = field(default_factory=threading.Lock)  # held until the request's thread may go on
+    finished: bool = False
+
+    def __post_init__(self) -> None:
+        self.wake.acquire()
+    entry: LedgerEntry | None = None
+    error: BaseException | None = None
+
+
 class Ledger:
-    """The append-only ledger. Thread-safe; several processes may append (BEGIN IMMEDIATE).
+    """The append-only ledger. Thread-safe with group commit; several processes may append
+    (BEGIN IMMEDIATE).
 
     Parameters
     ----------
@@ -148,85 +183,264 @@ class Ledger:
         Returns the current time (UTC); injectable for tests.
     base_dir:
         Relative file paths in entries are resolved against this directory (the data dir).
+    max_group:
+        At most this many transactions share one commit.
     """
 
     def __init__(self, path: Path, *, synchronous: str = "FULL", clock: Callable[[], datetime] | None = None,
-                 base_dir: Path | None = None) -> None:
+                 base_dir: Path | None = None, max_group: int = 1000) -> None:
         if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
             raise LedgerError(f"ledger synchronous mode must be FULL, NORMAL or EXTRA, got {synchronous!r}")
         self.path = Path(path)
         self.base_dir = Path(base_dir) if base_dir is not None else self.path.parent
         self.head_path = self.path.with_name(self.path.name + ".head")
         self._clock = clock or utc_now
-        self._lock = threading.RLock()
+        self._max_group = max(1, int(max_group))
+        # Group-commit state, all guarded by _mutex: one thread at a time is "busy" running its
+        # block inside the open SQLite transaction; _waiting counts threads queued for it.
+        self._mutex = threading.Lock()
+        self._turn = threading.Condition(self._mutex)   # "busy" is free (notify one)
+        self._done = threading.Condition(self._mutex)   # a group commit finished (notify all)
+        self._queue: list[_Request] = []  # standalone appends waiting for a leader
+        self._leading = False             # a thread is running queued appends
+        self._busy = False
+        self._owner: int | None = None
         self._depth = 0
+        self._waiting = 0
+        self._open = False          # an SQLite transaction is open (BEGIN IMMEDIATE done)
+        self._in_group = 0          # blocks run in the open transaction
+        self._epoch = 0             # number of group commits finished (or failed)
+        self._failed: dict[int, BaseException] = {}  # epoch -> why its commit failed
         self._pending_head: tuple[int, str] | None = None
         self._head_fd: int | None = None
+        self._read_lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30.0)
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self.conn.executescript(_SCHEMA)
+            self._reader = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False,
+                                           timeout=30.0)
         except sqlite3.Error as exc:
             raise LedgerError(f"cannot open the ledger {self.path}: {exc}; check the data directory and its permissions") from exc
 
     def close(self) -> None:
-        with self._lock:
+        with self._mutex:
+            while self._busy or self._open:
+                self._turn.wait()
+            self._busy = True
+        try:
             self.conn.close()
+            with self._read_lock:
+                self._reader.close()
             if self._head_fd is not None:
                 os.close(self._head_fd)
                 self._head_fd = None
+        finally:
+            with self._mutex:
+                self._busy = False
+                self._turn.notify()
 
     # -- writing -----------------------------------------------------------------------
+    def _inside(self) -> bool:
+        """True when the calling thread is running a :meth:`transaction` block."""
+        return self._owner == threading.get_ident()
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One SQLite write transaction (``BEGIN IMMEDIATE``); nested calls join the outer one.
+        """One write transaction; nested calls (same thread) join the outer one.
 
         Other tables of the same database (the outbox) written inside commit atomically with
-        the ledger entries.
+        the ledger entries. On return the block's writes are committed (durably with
+        ``synchronous=FULL``); if the block raises, its writes are rolled back and the
+        exception propagates. Concurrent callers share commits (see the module docstring).
         """
-        with self._lock:
-            if self._depth:
-                self._depth += 1
-                try:
-                    yield self.conn
-                finally:
-                    self._depth -= 1
-                return
-            self.conn.execute("BEGIN IMMEDIATE")
+        if self._inside():
+            self._depth += 1
+            try:
+                yield self.conn
+            finally:
+                self._depth -= 1
+            return
+        with self._mutex:
+            self._waiting += 1
+            while self._busy:
+                self._turn.wait()
+            self._waiting -= 1
+            self._busy = True
+            self._owner = threading.get_ident()
+        error: BaseException | None = None
+        my_epoch = self._epoch
+        commit_now = True
+        try:
+            try:
+                if not self._open:
+                    self.conn.execute("BEGIN IMMEDIATE")
+                    self._open = True
+                    self._in_group = 0
+                self.conn.execute("SAVEPOINT ledger_block")
+            except sqlite3.Error as exc:
+                raise LedgerError(f"cannot start a ledger transaction in {self.path}: {exc}; "
+                                  "check the disk and that no other program holds the database") from exc
+            saved_head = self._pending_head
             self._depth = 1
             try:
                 yield self.conn
-            except BaseException:
+            except BaseException as exc:  # roll back this block only
+                error = exc
+                self._pending_head = saved_head
+                self.conn.execute("ROLLBACK TO ledger_block")
+            finally:
                 self._depth = 0
-                self._pending_head = None
-                self.conn.execute("ROLLBACK")
-                raise
-            self._depth = 0
+            self.conn.execute("RELEASE ledger_block")
+            self._in_group += 1
+            my_epoch = self._epoch
+            with self._mutex:
+                commit_now = self._waiting == 0 or self._in_group >= self._max_group
+            if commit_now:
+                self._commit_group()
+        except BaseException as exc:
+            if error is None:
+                error = exc
+            if self._open:  # an SQLite error mid-way: abandon the whole group
+                self._abandon_group(exc)
+            commit_now = True
+        finally:
+            with self._mutex:
+                self._busy = False
+                self._owner = None
+                self._turn.notify()
+        if not commit_now:
+            with self._mutex:
+                while self._epoch == my_epoch:
+                    self._done.wait()
+                failed = self._failed.get(my_epoch)
+            if failed is not None and error is None:
+                raise LedgerError(f"the ledger commit in {self.path} failed: {failed}; the entries were not "
+                                  "recorded; check the disk (space, permissions) and retry") from failed
+        elif error is None and my_epoch in self._failed:
+            failed = self._failed[my_epoch]
+            raise LedgerError(f"the ledger commit in {self.path} failed: {failed}; the entries were not "
+                              "recorded; check the disk (space, permissions) and retry") from failed
+        if error is not None:
+            raise error
+
+    def _commit_group(self) -> None:
+        """COMMIT the open transaction (the calling thread is busy) and wake its waiters."""
+        try:
             self.conn.execute("COMMIT")
-            if self._pending_head is not None:
-                self._write_head(*self._pending_head)
-                self._pending_head = None
+        except sqlite3.Error as exc:
+            self._abandon_group(exc)
+            return
+        self._open = False
+        head, self._pending_head = self._pending_head, None
+        if head is not None:
+            self._write_head(*head)
+        with self._mutex:
+            self._failed.pop(self._epoch - 64, None)
+            self._epoch += 1
+            self._done.notify_all()
+
+    def _abandon_group(self, exc: BaseException) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.execute("ROLLBACK")
+        self._open = False
+        self._pending_head = None
+        with self._mutex:
+            self._failed[self._epoch] = exc
+            self._failed.pop(self._epoch - 64, None)
+            self._epoch += 1
+            self._done.notify_all()
 
     def append(self, kind: str, event: Mapping[str, Any], *, fusion_id: str = "", patient_key: str = "",
                at: datetime | None = None) -> LedgerEntry:
-        """Append one entry (in its own transaction, or the caller's :meth:`transaction`)."""
-        with self.transaction() as conn:
-            row = conn.execute("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1").fetchone()
-            seq, prev = (row[0] + 1, row[1]) if row else (1, GENESIS)
-            recorded_at = iso(at or self._clock())
-            body = {"seq": seq, "kind": kind, "at": recorded_at, "fusion_id": fusion_id,
-                    "patient_key": patient_key, "event": event, "prev": prev}
-            try:
-                text = canonical_json(body)
-            except (TypeError, ValueError) as exc:
-                raise LedgerError(f"ledger event {kind!r} for fusion {fusion_id!r} is not JSON-serialisable: {exc}") from exc
-            h = entry_hash(text)
-            conn.execute("INSERT INTO ledger(seq, kind, fusion_id, patient_key, recorded_at, entry, hash) "
-                         "VALUES (?,?,?,?,?,?,?)", (seq, kind, fusion_id, patient_key, recorded_at, text, h))
-            self._pending_head = (seq, h)
-        return LedgerEntry(seq, kind, recorded_at, fusion_id, patient_key, event, prev, h)
+        """Append one entry (in its own transaction, or the caller's :meth:`transaction`).
+
+        Returns once the entry is committed (inside a caller's transaction: that transaction
+        commits when it ends). Standalone appends from several threads are written by one of
+        them (the leader) in a single transaction, in arrival order; each caller gets its
+        own entry or its own error.
+        """
+        if self._inside():
+            return self._insert(self.conn, kind, event, fusion_id, patient_key, at)
+        req = _Request(kind, event, fusion_id, patient_key, at)
+        with self._mutex:
+            self._queue.append(req)
+            lead = not self._leading
+            self._leading = True
+        if not lead:
+            req.wake.acquire()  # released when the entry is written or this thread is to lead
+        while not req.finished:  # this thread leads: write queued appends until its own is done
+            self._lead_batch(req)
+        if req.error is not None:
+            raise req.error
+        assert req.entry is not None
+        return req.entry
+
+    def _lead_batch(self, mine: _Request) -> None:
+        """Write the oldest queued appends in one transaction; when ``mine`` (the leader's
+        own request) is done, hand the lead to the next queued request, if any."""
+        with self._mutex:
+            batch = self._queue[:self._max_group]
+            del self._queue[:self._max_group]
+        try:
+            with self.transaction() as conn:
+                row = conn.execute("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1").fetchone()
+                seq, prev = (row[0], row[1]) if row else (0, GENESIS)
+                rows = []
+                for r in batch:
+                    try:
+                        r.entry, values = self._entry(seq + 1, prev, r.kind, r.event, r.fusion_id,
+                                                      r.patient_key, r.at)
+                    except LedgerError as exc:  # this event only (e.g. not JSON-serialisable)
+                        r.error = exc
+                        continue
+                    rows.append(values)
+                    seq, prev = r.entry.seq, r.entry.hash
+                conn.executemany(_INSERT, rows)
+                if rows:
+                    self._pending_head = (seq, prev)
+        except BaseException as exc:  # the transaction failed: nothing of the batch was recorded
+            for r in batch:
+                r.entry, r.error = None, (exc if isinstance(exc, LedgerError) else LedgerError(
+                    f"the ledger write in {self.path} failed: {exc}; the entry was not recorded; "
+                    "check the disk (space, permissions) and retry"))
+        with self._mutex:
+            for r in batch:
+                r.finished = True
+            nxt = self._queue[0] if (mine.finished and self._queue) else None
+            if mine.finished and nxt is None:
+                self._leading = False
+        for r in batch:
+            if r is not mine:
+                r.wake.release()
+        if nxt is not None:
+            nxt.wake.release()  # still queued and not finished: it wakes up as the leader
+
+    def _insert(self, conn: sqlite3.Connection, kind: str, event: Mapping[str, Any], fusion_id: str,
+                patient_key: str, at: datetime | None) -> LedgerEntry:
+        """Write one entry in the open transaction (the calling thread is busy)."""
+        row = conn.execute("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1").fetchone()
+        seq, prev = (row[0] + 1, row[1]) if row else (1, GENESIS)
+        entry, values = self._entry(seq, prev, kind, event, fusion_id, patient_key, at)
+        conn.execute(_INSERT, values)
+        self._pending_head = (seq, entry.hash)
+        return entry
+
+    def _entry(self, seq: int, prev: str, kind: str, event: Mapping[str, Any], fusion_id: str, patient_key: str,
+               at: datetime | None) -> tuple[LedgerEntry, tuple]:
+        """Entry ``seq`` following the entry whose hash is ``prev``, and its table row."""
+        recorded_at = iso(at or self._clock())
+        body = {"seq": seq, "kind": kind, "at": recorded_at, "fusion_id": fusion_id,
+                "patient_key": patient_key, "event": event, "prev": prev}
+        try:
+            text = canonical_json(body)
+        except (TypeError, ValueError) as exc:
+            raise LedgerError(f"ledger event {kind!r} for fusion {fusion_id!r} is not JSON-serialisable: {exc}") from exc
+        h = entry_hash(text)
+        return (LedgerEntry(seq, kind, recorded_at, fusion_id, patient_key, event, prev, h),
+                (seq, kind, fusion_id, patient_key, recorded_at, text, h))
 
     def _write_head(self, seq: int, h: str) -> None:
         # A fixed-size record rewritten in place (one small pwrite, no rename): cheap enough
@@ -240,12 +454,20 @@ class Ledger:
             log.warning("could not write ledger head %s: %s", self.head_path, exc)
 
     # -- reading -----------------------------------------------------------------------
+    def query(self, sql: str, args: Any = ()) -> list[tuple]:
+        """Run a read-only query: on the write connection inside this thread's transaction
+        (to see its own writes), otherwise on the reader (committed data only)."""
+        if self._inside():
+            return self.conn.execute(sql, args).fetchall()
+        with self._read_lock:
+            return self._reader.execute(sql, args).fetchall()
+
     def head(self) -> tuple[int, str]:
-        row = self.conn.execute("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1").fetchone()
-        return (row[0], row[1]) if row else (0, GENESIS)
+        rows = self.query("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1")
+        return (rows[0][0], rows[0][1]) if rows else (0, GENESIS)
 
     def __len__(self) -> int:
-        return int(self.conn.execute("SELECT COUNT(*) FROM ledger").fetchone()[0])
+        return int(self.query("SELECT COUNT(*) FROM ledger")[0][0])
 
     def entries(self, *, fusion_id: str | None = None, kind: str | None = None, patient_key: str | None = None,
                 since: datetime | str | None = None) -> list[LedgerEntry]:
@@ -258,8 +480,7 @@ class Ledger:
         if patient_key is not None:
             where.append("patient_key = ?"); args.append(patient_key)
         sql = "SELECT entry, hash FROM ledger" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY seq"
-        with self._lock:
-            rows = self.conn.execute(sql, args).fetchall()
+        rows = self.query(sql, args)
         out = []
         since_dt = parse_iso(since) if isinstance(since, str) else since
         if since_dt is not None and since_dt.tzinfo is None:
@@ -285,10 +506,8 @@ class Ledger:
         prev = GENESIS
         expected = 1
         n = 0
-        with self._lock:
-            cur = self.conn.execute(
-                "SELECT seq, kind, fusion_id, patient_key, recorded_at, entry, hash FROM ledger ORDER BY seq")
-            rows = cur.fetchall()
+        rows = self.query(
+            "SELECT seq, kind, fusion_id, patient_key, recorded_at, entry, hash FROM ledger ORDER BY seq")
         loads = json.loads  # the hash commits to the exact bytes; no need to re-serialise
         for seq, kind, fusion_id, patient_key, recorded_at, text, h in rows:
             n += 1

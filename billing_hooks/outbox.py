@@ -120,9 +120,7 @@ class Outbox:
             where.append("state = ?"); args.append(state)
         if where:
             sql += " WHERE " + " AND ".join(where)
-        with self.ledger._lock:
-            cur = self.ledger.conn.execute(sql + " ORDER BY id", args)
-            return [OutboxRow(*r) for r in cur.fetchall()]
+        return [OutboxRow(*r) for r in self.ledger.query(sql + " ORDER BY id", args)]
 
     def deliver_pending(self, now: datetime) -> dict[str, int]:
         """Attempt every due row once. Returns counts: delivered, retry, dead, waiting."""

@@ -68,7 +68,8 @@ def show(cfg_opts: dict[str, Any], as_json: bool, seq: int) -> None:
     cfg = build_config(cfg_opts)
     led = _open_ledger(cfg.data_dir)
     try:
-        row = led.conn.execute("SELECT entry, hash FROM ledger WHERE seq = ?", (seq,)).fetchone()
+        rows = led.query("SELECT entry, hash FROM ledger WHERE seq = ?", (seq,))
+        row = rows[0] if rows else None
     finally:
         led.close()
     if row is None:

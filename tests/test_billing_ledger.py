@@ -245,3 +245,166 @@ def test_document_command_without_fusion_folder_records_documentation(tmp_path: 
                                     "--clinician", "Dr. A. Molar", "--data-dir", str(data)])
     assert res.exit_code == 0, res.output
     assert "ready to bill D0395" in res.output
+
+
+# -- group commit -------------------------------------------------------------------------
+def _wait_for(cond, what: str, timeout: float = 10.0) -> None:
+    import time
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.002)
+
+
+def _open_block(led: Ledger, kind: str, *, release, fail: bool = False):
+    """A thread that appends ``kind`` inside its own transaction and holds the block open
+    until ``release`` is set; returns (thread, started event, outcome dict)."""
+    import threading
+    started, outcome = threading.Event(), {}
+
+    def run() -> None:
+        try:
+            with led.transaction():
+                led.append(kind, {"k": kind}, fusion_id=kind)
+                started.set()
+                release.wait(10)
+                if fail:
+                    raise RuntimeError(f"block {kind} failed")
+            outcome["ok"] = len([r for r in led.query("SELECT kind FROM ledger") if r[0] == kind])
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            outcome["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, started, outcome
+
+
+def test_concurrent_writers_share_commits_and_each_returns_committed(tmp_path: Path) -> None:
+    import threading
+    led = Ledger(tmp_path / "ledger.sqlite")
+    release_a, release_b = threading.Event(), threading.Event()
+    a, a_started, a_out = _open_block(led, "A", release=release_a)
+    assert a_started.wait(10)
+    b, b_started, b_out = _open_block(led, "B", release=release_b)
+    _wait_for(lambda: led._waiting == 1, "B to queue behind A")
+    epoch = led._epoch
+    # A's entry is written but not committed: other threads do not see it.
+    assert len(led) == 0
+    release_a.set()              # A finishes its block with B waiting: A does not commit...
+    assert b_started.wait(10)    # ...B runs in the same SQLite transaction,
+    assert a.is_alive()          # and A has not returned: its entry is not committed yet.
+    assert len(led) == 0
+    release_b.set()
+    a.join(10), b.join(10)
+    assert a_out == {"ok": 1} and b_out == {"ok": 1}
+    assert led._epoch == epoch + 1, "A and B must have shared one commit"
+    assert [e.kind for e in led.entries()] == ["A", "B"]
+    assert led.verify().ok
+    assert led.head_path.read_text().split()[0] == f"{2:020d}"
+    led.close()
+
+
+def test_a_failing_block_in_a_group_rolls_back_only_itself(tmp_path: Path) -> None:
+    import threading
+    led = Ledger(tmp_path / "ledger.sqlite")
+    led.append("first", {}, fusion_id="0")
+    release_a, release_b = threading.Event(), threading.Event()
+    a, a_started, a_out = _open_block(led, "A", release=release_a)
+    assert a_started.wait(10)
+    b, b_started, b_out = _open_block(led, "B", release=release_b, fail=True)
+    _wait_for(lambda: led._waiting == 1, "B to queue behind A")
+    release_a.set()
+    assert b_started.wait(10)
+    release_b.set()
+    a.join(10), b.join(10)
+    assert a_out == {"ok": 1}
+    assert isinstance(b_out.get("error"), RuntimeError)
+    assert [e.kind for e in led.entries()] == ["first", "A"]
+    assert led.verify().ok
+    led.append("after", {}, fusion_id="2")  # the chain continues from A, not from B's rolled-back entry
+    assert [e.seq for e in led.entries()] == [1, 2, 3] and led.verify().ok
+    led.close()
+
+
+class _FailingCommit:
+    """Wraps the ledger's sqlite connection; COMMIT raises like a full disk would."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, *args):
+        if sql == "COMMIT":
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.conn.execute(sql, *args)
+
+    def __getattr__(self, name: str):
+        return getattr(self.conn, name)
+
+
+def test_a_failed_group_commit_is_reported_to_every_member(tmp_path: Path) -> None:
+    import threading
+    from billing_hooks.errors import LedgerError
+    led = Ledger(tmp_path / "ledger.sqlite")
+    real = led.conn
+    led.conn = _FailingCommit(real)  # type: ignore[assignment]
+    release_a, release_b = threading.Event(), threading.Event()
+    a, a_started, a_out = _open_block(led, "A", release=release_a)
+    assert a_started.wait(10)
+    b, b_started, b_out = _open_block(led, "B", release=release_b)
+    _wait_for(lambda: led._waiting == 1, "B to queue behind A")
+    release_a.set()
+    assert b_started.wait(10)
+    release_b.set()
+    a.join(10), b.join(10)
+    for out in (a_out, b_out):
+        assert isinstance(out.get("error"), LedgerError) and "disk is full" in str(out["error"])
+    led.conn = real
+    assert len(led) == 0
+    led.append("after", {}, fusion_id="1")
+    assert [e.seq for e in led.entries()] == [1] and led.verify().ok
+    led.close()
+
+
+def test_many_threads_append_one_unbroken_chain(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+    led = Ledger(tmp_path / "ledger.sqlite", synchronous="NORMAL")
+
+    def work(t: int) -> list[int]:
+        return [led.append("e", {"t": t, "i": i}, fusion_id=f"T{t}").seq for i in range(100)]
+
+    with ThreadPoolExecutor(8) as pool:
+        seqs = [s for chunk in pool.map(work, range(8)) for s in chunk]
+    assert sorted(seqs) == list(range(1, 801))
+    report = led.verify()
+    assert report.ok and report.entries == 800
+    for t in range(8):  # each thread's entries are in its own call order
+        mine = [e.event["i"] for e in led.entries(fusion_id=f"T{t}")]
+        assert mine == list(range(100))
+    led.close()
+
+
+def test_a_bad_event_among_concurrent_appends_fails_only_its_caller(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+    from billing_hooks.errors import LedgerError
+    led = Ledger(tmp_path / "ledger.sqlite", synchronous="NORMAL")
+
+    def work(t: int) -> list[str]:
+        outcomes = []
+        for i in range(50):
+            event = {"t": t, "i": i, "bad": {1, 2}} if (t, i) == (3, 25) else {"t": t, "i": i}
+            try:
+                led.append("e", event, fusion_id=f"T{t}")
+                outcomes.append("ok")
+            except LedgerError as exc:
+                assert "not JSON-serialisable" in str(exc)
+                outcomes.append("refused")
+        return outcomes
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = [o for chunk in pool.map(work, range(8)) for o in chunk]
+    assert outcomes.count("refused") == 1 and outcomes.count("ok") == 399
+    report = led.verify()
+    assert report.ok and report.entries == 399
+    assert [e.event["i"] for e in led.entries(fusion_id="T3")] == [i for i in range(50) if i != 25]
+    led.close()

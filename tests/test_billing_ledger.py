@@ -408,3 +408,51 @@ def test_a_bad_event_among_concurrent_appends_fails_only_its_caller(tmp_path: Pa
     assert report.ok and report.entries == 399
     assert [e.event["i"] for e in led.entries(fusion_id="T3")] == [i for i in range(50) if i != 25]
     led.close()
+
+
+_KILL_WRITER = r"""
+import sys, threading
+sys.path.insert(0, sys.argv[2])
+from pathlib import Path
+from billing_hooks.ledger import Ledger
+led = Ledger(Path(sys.argv[1]))
+out = threading.Lock()
+def work(t):
+    i = 0
+    while True:
+        e = led.append("e", {"t": t, "i": i}, fusion_id=f"T{t}")
+        with out:
+            sys.stdout.write(f"{e.seq} {e.hash}\n"); sys.stdout.flush()
+        i += 1
+for t in range(8):
+    threading.Thread(target=work, args=(t,), daemon=True).start()
+threading.Event().wait()
+"""
+
+
+def test_every_returned_append_survives_kill_9_of_concurrent_writers(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    path = tmp_path / "ledger.sqlite"
+    repo = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_WRITER, str(path), repo], stdout=subprocess.PIPE, text=True)
+    acked: dict[int, str] = {}
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            seq, h = line.split()
+            acked[int(seq)] = h
+            if len(acked) >= 600:
+                break
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    assert len(acked) >= 600
+    led = Ledger(path)
+    report = led.verify()
+    assert report.ok, report.first_broken
+    stored = {seq: h for seq, h in led.query("SELECT seq, hash FROM ledger")}
+    missing = [s for s in acked if stored.get(s) != acked[s]]
+    assert not missing, f"acknowledged appends lost or changed after kill -9: {missing[:5]}"
+    led.close()

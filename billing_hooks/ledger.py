@@ -508,7 +508,10 @@ class Ledger:
         n = 0
         rows = self.query(
             "SELECT seq, kind, fusion_id, patient_key, recorded_at, entry, hash FROM ledger ORDER BY seq")
-        loads = json.loads  # the hash commits to the exact bytes; no need to re-serialise
+        # The hash commits to the exact bytes, so the text is only parsed, never re-serialised;
+        # the C scanner without json.loads' wrapper (the whole text must be one object).
+        scan = json.JSONDecoder().scan_once
+        sha256 = hashlib.sha256
         for seq, kind, fusion_id, patient_key, recorded_at, text, h in rows:
             n += 1
             if seq != expected:
@@ -516,12 +519,14 @@ class Ledger:
                                         f"entry {expected} is missing (next stored entry is {seq}): deleted or inserted"
                                         if seq > expected else f"entry {seq} appears out of order"))
                 break
-            if entry_hash(text) != h:
+            if sha256(text.encode("utf-8")).hexdigest() != h:
                 problems.append(Problem(seq, f"entry {seq} ({kind}) was edited: its content no longer matches its hash"))
                 break
             try:
-                e = loads(text)
-            except ValueError:
+                e, end = scan(text, 0)
+                if end != len(text) or not isinstance(e, dict):
+                    raise ValueError("not one JSON object")
+            except (ValueError, StopIteration):
                 problems.append(Problem(seq, f"entry {seq} is not valid JSON"))
                 break
             if e.get("seq") != seq:

@@ -201,6 +201,12 @@ _NOFSYNC = """
 import dicom_node.storage as storage
 storage.fsync_file = lambda path: None   # diagnosis only: NOT durable
 storage.fsync_dir = lambda path: None
+storage.sync_fd = lambda fd: None
+""" + _LISTENER
+
+_STOCK = """
+import dicom_node.server as server
+server.FAST_DATA_PHASE = False   # diagnosis: every PDU through pynetdicom (as before the fast path)
 """ + _LISTENER
 
 _FASTLOOP = """
@@ -279,6 +285,14 @@ class OursNoFsync(Ours):
 
     name = "nofsync"
     script = _NOFSYNC
+
+
+class OursStock(Ours):
+    """Our listener (durable, fsync'd) with the fast data phase off: every PDU and DIMSE
+    message through pynetdicom, chunked receive (diagnosis: what the fast path gains)."""
+
+    name = "stock"
+    script = _STOCK
 
 
 class OursFastLoop(Ours):
@@ -442,95 +456,71 @@ def store_path_floor(files: list[Path], work_root: Path) -> tuple[float, float, 
 
 
 def timeline(series_dir: Path, work_root: Path, env: dict[str, str]) -> None:
-    """Where one instance's time goes in our listener: an in-process DicomNode with
-    timestamps at the start and end of each DIMSE message decode, the store handler and
-    the response PDU, plus the two fsyncs; medians and means per instance are printed.
-    (Diagnosis: patches pynetdicom and dicom_node functions in this process only.)"""
-    import pynetdicom.dimse_messages as dimse_messages
-    from pynetdicom import evt
-    from pynetdicom.pdu import P_DATA_TF
-
+    """Where one instance's time goes in our listener: an in-process DicomNode whose fast
+    data phase (:mod:`dicom_node.fastpath`) stamps the arrival of each C-STORE command,
+    the last dataset fragment, the end of the store decision and the sent response; the
+    fdatasync, directory fsync and index commit are timed too. Medians and means per
+    instance are printed. (Diagnosis: patches dicom_node functions in this process only.)"""
+    import dicom_node.fastpath as fastpath
     import dicom_node.server as server
     import dicom_node.storage as storage
     from dicom_node.settings import NodeSettings, StabilitySettings
 
     marks: list[tuple[float, str]] = []
-    durations: dict[str, list[float]] = {"fsync_file": [], "fsync_dir": []}
-    decode = dimse_messages.DIMSEMessage.decode_msg
-
-    def decode_msg(self, primitive, assoc=None):  # type: ignore[no-untyped-def]
-        if not getattr(self, "_bench_started", False):
-            self._bench_started = True
-            marks.append((time.perf_counter(), "message_start"))
-        done = decode(self, primitive, assoc)
-        if done:
-            self._bench_started = False
-            marks.append((time.perf_counter(), "message_complete"))
-        return done
-
-    handle = server._handle_store
-
-    def handle_store(event, node):  # type: ignore[no-untyped-def]
-        marks.append((time.perf_counter(), "handler_start"))
-        try:
-            return handle(event, node)
-        finally:
-            marks.append((time.perf_counter(), "handler_end"))
+    durations: dict[str, list[float]] = {"fdatasync(file)": [], "fsync(directory)": [], "index commit": []}
 
     def timed(name: str, fn):  # type: ignore[no-untyped-def]
-        def run(path: Path) -> None:
+        def run(*a, **k):  # type: ignore[no-untyped-def]
             t = time.perf_counter()
-            fn(path)
-            durations[name].append(time.perf_counter() - t)
+            try:
+                return fn(*a, **k)
+            finally:
+                durations[name].append(time.perf_counter() - t)
         return run
 
-    def on_sent(event) -> None:  # type: ignore[no-untyped-def]
-        if isinstance(event.pdu, P_DATA_TF):
-            marks.append((time.perf_counter(), "response_sent"))
-
-    saved = (dimse_messages.DIMSEMessage.decode_msg, server._handle_store, storage.fsync_file, storage.fsync_dir)
-    dimse_messages.DIMSEMessage.decode_msg = decode_msg  # type: ignore[method-assign]
-    server._handle_store = handle_store
-    storage.fsync_file = timed("fsync_file", storage.fsync_file)
-    storage.fsync_dir = timed("fsync_dir", storage.fsync_dir)
+    saved = (fastpath.TRACE, storage.sync_fd, storage.fsync_dir)
+    fastpath.TRACE = lambda phase: marks.append((time.perf_counter(), phase))
+    storage.sync_fd = timed("fdatasync(file)", storage.sync_fd)
+    storage.fsync_dir = timed("fsync(directory)", storage.fsync_dir)
     workdir = Path(tempfile.mkdtemp(prefix="timeline-", dir=work_root))
     try:
         node = server.DicomNode(NodeSettings(ae_title="DENTFUSE", port=0), StabilitySettings(), workdir)
+        node.index.add = timed("index commit", node.index.add)  # type: ignore[method-assign]
         port = node.start()
-        assert node._server is not None
-        node._server.bind(evt.EVT_PDU_SENT, on_sent)
         t0 = time.perf_counter()
         subprocess.run([dcmtk("storescu"), "-aec", "DENTFUSE", "127.0.0.1", str(port), "+sd", "+sp", "*.dcm",
                         str(series_dir), "-xe"], env=env, check=True, capture_output=True)
         wall = time.perf_counter() - t0
         node.close()
     finally:
-        (dimse_messages.DIMSEMessage.decode_msg, server._handle_store, storage.fsync_file,
-         storage.fsync_dir) = saved
+        fastpath.TRACE, storage.sync_fd, storage.fsync_dir = saved
         shutil.rmtree(workdir, ignore_errors=True)
     phases: dict[str, list[float]] = {
-        "receive the dataset (first to last PDV)": [], "hand-off to the handler": [],
-        "store handler (incl. fsyncs)": [], "hand-off of the response": [], "sender's turn + our read of the next request": []}
+        "receive the dataset (command to last PDV)": [],
+        "store: checks, fdatasync, rename, dir fsync, index": [],
+        "encode and send the response": [],
+        "sender's turn + our read of the next command": []}
     cur: dict[str, float] = {}
-    for t, kind in sorted(marks):
-        if kind == "message_start":
+    for t, kind in marks:
+        if kind == "command":
             if "response_sent" in cur:
-                phases["sender's turn + our read of the next request"].append(t - cur["response_sent"])
-            cur = {"message_start": t}
-        elif kind not in cur:
-            cur[kind] = t
-            if kind == "response_sent" and len(cur) == 5:
-                phases["receive the dataset (first to last PDV)"].append(cur["message_complete"] - cur["message_start"])
-                phases["hand-off to the handler"].append(cur["handler_start"] - cur["message_complete"])
-                phases["store handler (incl. fsyncs)"].append(cur["handler_end"] - cur["handler_start"])
-                phases["hand-off of the response"].append(cur["response_sent"] - cur["handler_end"])
-    n = len(phases["store handler (incl. fsyncs)"])
-    print(f"  timeline of our listener: {wall:.2f} s, {1000 * wall / max(n, 1):.1f} ms per instance "
+                phases["sender's turn + our read of the next command"].append(t - cur["response_sent"])
+            cur = {}
+        cur[kind] = t
+        if kind == "response_sent" and len(cur) == 4:
+            phases["receive the dataset (command to last PDV)"].append(cur["dataset_complete"] - cur["command"])
+            phases["store: checks, fdatasync, rename, dir fsync, index"].append(cur["stored"] - cur["dataset_complete"])
+            phases["encode and send the response"].append(cur["response_sent"] - cur["stored"])
+    n = len(phases["encode and send the response"])
+    if not n:
+        print("  timeline: the fast data phase did not run (nothing to break down)")
+        return
+    print(f"  timeline of our listener: {wall:.2f} s, {1000 * wall / n:.2f} ms per instance "
           f"({n} instances); per instance, median / mean:")
-    for name, values in list(phases.items()) + [("  of which fsync(file)", durations["fsync_file"]),
-                                                 ("  of which fsync(directory)", durations["fsync_dir"])]:
+    rows = list(phases.items()) + [(f"  of which {k}", v) for k, v in durations.items()]
+    for name, values in rows:
         if values:
-            print(f"    {name:42s} {1000 * statistics.median(values):6.2f} / {1000 * statistics.mean(values):6.2f} ms")
+            print(f"    {name:52s} {1000 * statistics.median(values):6.2f} / {1000 * statistics.mean(values):6.2f} ms")
 
 
 def main() -> int:
@@ -543,7 +533,8 @@ def main() -> int:
     ap.add_argument("--receivers", default="dentfuse,storescp",
                     help="comma-separated: dentfuse (our listener alone), storescp, orthanc, serve (the whole "
                          "dentfuse serve application); for diagnosis also nofsync (our listener "
-                         "without file fsyncs), fastloop (our listener with pynetdicom's 1 ms polling "
+                         "without file fsyncs), stock (our listener with its fast data phase off: every PDU "
+                         "through pynetdicom), fastloop (stock with pynetdicom's 1 ms polling "
                          "sleeps cut to 0.1 ms) and discard (stock pynetdicom keeping nothing)")
     ap.add_argument("--storescp-pdu", type=int, default=131072,
                     help="storescp's max receive PDU (dcmtk's maximum 131072; its default is 16384)")
@@ -559,7 +550,7 @@ def main() -> int:
     if args.orthanc and "orthanc" not in names:
         names.append("orthanc")
     make = {"dentfuse": Ours, "storescp": lambda: StoreScp(args.storescp_pdu), "orthanc": Orthanc,
-            "nofsync": OursNoFsync, "fastloop": OursFastLoop, "discard": PynetdicomDiscard, "serve": Serve}
+            "nofsync": OursNoFsync, "stock": OursStock, "fastloop": OursFastLoop, "discard": PynetdicomDiscard, "serve": Serve}
     receivers = [make[n]() for n in names]
 
     env = dict(os.environ)

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import struct
 import tempfile
 import zlib
 from dataclasses import dataclass, field
@@ -147,12 +148,7 @@ def inspect_instance(
                                        f"unreadable File Meta Information ({type(exc).__name__}: {exc})")
             offset = fh.tell()
             ts = str(meta.get("TransferSyntaxUID", "") or "")
-            if not ts:
-                raise InstanceRejected(Status.CANNOT_UNDERSTAND_MISSING_ATTRIBUTE,
-                                       "File Meta Information has no TransferSyntaxUID")
-            if ts not in TRANSFER_SYNTAXES:
-                raise InstanceRejected(Status.CANNOT_UNDERSTAND,
-                                       f"transfer syntax {ts[:64]} is not accepted")
+            _check_transfer_syntax(ts)
             attrs = _scan_dataset(fh, size, ts)
             # Same handle, no second open: the file was just written, so this reads the
             # page cache once, in large blocks.
@@ -163,6 +159,54 @@ def inspect_instance(
     except OSError as exc:
         status = Status.OUT_OF_RESOURCES if is_disk_full(exc) else Status.PROCESSING_FAILURE
         raise InstanceRejected(status, f"cannot read the received file: {exc}") from exc
+    return _checked_header(attrs, ts, offset, size, sha, expected_sop_class_uid, expected_sop_instance_uid)
+
+
+def inspect_received(
+    path: Path,
+    transfer_syntax_uid: str,
+    dataset_offset: int,
+    sha256: str,
+    expected_sop_class_uid: str | None = None,
+    expected_sop_instance_uid: str | None = None,
+) -> InstanceHeader:
+    """:func:`inspect_instance` for a file the listener has just written itself: the File
+    Meta Information is its own (``dataset_offset`` is where the dataset starts) and the
+    dataset's sha256 was computed while the bytes arrived, so only the dataset is walked.
+
+    Raises
+    ------
+    InstanceRejected
+        As :func:`inspect_instance`, with the same statuses for the same faults.
+    """
+    _check_transfer_syntax(transfer_syntax_uid)
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            fh.seek(dataset_offset)
+            attrs = _scan_dataset(fh, size, transfer_syntax_uid)
+    except InstanceRejected:
+        raise
+    except OSError as exc:
+        status = Status.OUT_OF_RESOURCES if is_disk_full(exc) else Status.PROCESSING_FAILURE
+        raise InstanceRejected(status, f"cannot read the received file: {exc}") from exc
+    return _checked_header(attrs, transfer_syntax_uid, dataset_offset, size, sha256,
+                           expected_sop_class_uid, expected_sop_instance_uid)
+
+
+def _check_transfer_syntax(ts: str) -> None:
+    if not ts:
+        raise InstanceRejected(Status.CANNOT_UNDERSTAND_MISSING_ATTRIBUTE,
+                               "File Meta Information has no TransferSyntaxUID")
+    if ts not in TRANSFER_SYNTAXES:
+        raise InstanceRejected(Status.CANNOT_UNDERSTAND,
+                               f"transfer syntax {ts[:64]} is not accepted")
+
+
+def _checked_header(attrs: dict[str, str], ts: str, offset: int, size: int, sha: str,
+                    expected_sop_class_uid: str | None,
+                    expected_sop_instance_uid: str | None) -> InstanceHeader:
+    """The header from the scanned attributes, after the checks every instance passes."""
 
     def required(name: str) -> str:
         value = attrs.get(name, "")
@@ -238,8 +282,89 @@ def _inflate(src: BinaryIO, dst: BinaryIO) -> int:
     return total
 
 
+# Explicit VR Little Endian: VRs with a 4-byte length (after 2 reserved bytes), and the
+# others (2-byte length). Anything else sends the walk to pydicom.
+_LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR",
+                       b"UT", b"UV"))
+_SHORT_VRS = frozenset((b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO",
+                        b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"))
+_WANTED_BY_INT = {int(tag): (name, _WANTED_VR[tag].encode("ascii")) for tag, name in _WANTED.items()}
+_HEAD_BYTES = 1 << 16
+
+
+def _scan_simple(fh: BinaryIO, size: int, implicit: bool) -> dict[str, str] | None:
+    """The common case of :func:`_scan_plain` without pydicom: top-level elements of
+    defined length, in ascending order, exactly filling the file, the wanted values plain
+    ASCII with their dictionary VR. Returns None at anything else (undefined lengths,
+    sequences' delimiters, unknown VRs, truncation, stray bytes, odd values), and
+    pydicom's walk decides, with its error messages and statuses."""
+    if _strict_reading():
+        return None
+    start = fh.tell()
+    head = fh.read(_HEAD_BYTES)
+    head_end = start + len(head)
+    unpack_from = struct.unpack_from
+    attrs: dict[str, str] = {}
+    pos, last_tag = start, -1
+    header_len = 8
+    while pos < size:
+        if size - pos < 8:
+            return None  # stray bytes: pydicom says how many
+        if pos + 12 <= head_end:
+            raw, rel = head, pos - start
+        else:
+            fh.seek(pos)
+            raw, rel = fh.read(12), 0
+            if len(raw) < 8:
+                return None
+        group, elem = unpack_from("<HH", raw, rel)
+        tag = group << 16 | elem
+        if tag <= last_tag or group in (0x0002, 0xFFFE):
+            return None
+        last_tag = tag
+        if implicit:
+            vr = None
+            (length,) = unpack_from("<I", raw, rel + 4)
+            header_len = 8
+        else:
+            vr = bytes(raw[rel + 4:rel + 6])
+            if vr in _SHORT_VRS:
+                (length,) = unpack_from("<H", raw, rel + 6)
+                header_len = 8
+            elif vr in _LONG_VRS:
+                if len(raw) - rel < 12:
+                    return None
+                (length,) = unpack_from("<I", raw, rel + 8)
+                header_len = 12
+            else:
+                return None
+        if length == 0xFFFFFFFF or pos + header_len + length > size:
+            return None
+        value_at = pos + header_len
+        pos = value_at + length
+        wanted = _WANTED_BY_INT.get(tag)
+        if wanted is None:
+            continue
+        name, want_vr = wanted
+        if (vr is not None and vr != want_vr) or length > DEFER_SIZE:
+            return None
+        if pos <= head_end:
+            value = bytes(head[value_at - start:pos - start])
+        else:
+            fh.seek(value_at)
+            value = fh.read(length)
+        if _PLAIN_ASCII.fullmatch(value) is None:
+            return None
+        attrs[name] = value.decode("ascii").rstrip("\0 ").strip()
+    return attrs
+
+
 def _scan_plain(fh: BinaryIO, size: int, implicit: bool) -> dict[str, str]:
     start = fh.tell()
+    simple = _scan_simple(fh, size, implicit)
+    if simple is not None:
+        return simple
+    fh.seek(start)
     attrs: dict[str, str] = {}
     ds = Dataset()
     end = start
@@ -342,6 +467,9 @@ def accept_instance(
     duplicate_policy: str = "keep_first",
     expected_sop_class_uid: str | None = None,
     expected_sop_instance_uid: str | None = None,
+    *,
+    header: InstanceHeader | None = None,
+    synced: bool = False,
 ) -> AcceptResult:
     """Check a complete temporary file, store it durably and index it.
 
@@ -349,13 +477,18 @@ def accept_instance(
     place). On success it has been moved (or, for a duplicate, discarded); on failure it
     is left for the caller to discard.
 
+    ``header``: the file was already checked (:func:`inspect_received`); ``synced``: its
+    data were already flushed to disk (fdatasync) by the caller, so the commit does not
+    sync it again (it still renames atomically and fsyncs the directory).
+
     Raises
     ------
     InstanceRejected
         The instance is refused; ``status`` says how (``OUT_OF_RESOURCES`` for a full
         disk, ``PROCESSING_FAILURE`` for other local errors).
     """
-    header = inspect_instance(tmp_path, expected_sop_class_uid, expected_sop_instance_uid)
+    if header is None:
+        header = inspect_instance(tmp_path, expected_sop_class_uid, expected_sop_instance_uid)
     received_s = index.clock()
     try:
         with index.uid_lock(header.sop_instance_uid):
@@ -364,7 +497,7 @@ def accept_instance(
                 final = store.final_path(header.study_instance_uid, header.series_instance_uid,
                                          header.sop_instance_uid)
                 # A file without a row here was never acknowledged: safe to replace.
-                store.commit(tmp_path, final, overwrite=True)
+                store.commit(tmp_path, final, overwrite=True, synced=synced)
                 rec = _record(header, final, calling_ae_title, received_s)
                 try:
                     index.add(rec, header.patient_id, header.issuer_of_patient_id, received_s)
@@ -389,7 +522,7 @@ def accept_instance(
                                      header.sop_instance_uid, variant=header.sha256[:16])
             if str(final) == existing.path:  # cannot happen with different hashes
                 raise InstanceRejected(Status.PROCESSING_FAILURE, "replacement path collision")
-            store.commit(tmp_path, final, overwrite=True)
+            store.commit(tmp_path, final, overwrite=True, synced=synced)
             rec = _record(header, final, calling_ae_title, received_s)
             try:
                 index.replace(rec, existing, header.patient_id, header.issuer_of_patient_id,

@@ -42,17 +42,20 @@ from pynetdicom.acse import ACSE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
 from dicom_node.audit import AssociationTally, AuditTrail
 from dicom_node.errors import InstanceRejected, NodeConfigurationError
 from dicom_node.index import InstanceIndex
-from dicom_node.ingest import accept_instance, reconcile_store
+from dicom_node import storage
+from dicom_node.fastpath import FastDataPhase, IncomingInstance
+from dicom_node.ingest import AcceptResult, accept_instance, inspect_received, reconcile_store
 from dicom_node.records import ReceivedInstance
 from dicom_node.settings import NodeSettings, StabilitySettings
 from dicom_node.sop_classes import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION_SOP_CLASS
 from dicom_node.stability import StabilityMonitor
 from dicom_node.status import Status
-from dicom_node.storage import InstanceStore
+from dicom_node.storage import InstanceStore, is_disk_full
 
 LOG = logging.getLogger(__name__)
 
@@ -136,6 +139,17 @@ class _NodeDUL(DULServiceProvider):
 
     _wake_r: socket.socket | None = None
     _wake_w: socket.socket | None = None
+    _fast: FastDataPhase | None = None
+
+    def _transport_event(self) -> bool:
+        """pynetdicom's ``_is_transport_event``, except that once the association is
+        established (Sta6) the data phase is read by :class:`FastDataPhase`."""
+        fast = self._fast
+        if fast is not None and self.state_machine.current_state == "Sta6" and fast.usable():
+            if self.socket is not None and self.socket.ready:
+                return fast.pump()
+            return False
+        return self._is_transport_event()
 
     def _prepare_wake(self) -> None:
         try:
@@ -212,7 +226,7 @@ class _NodeDUL(DULServiceProvider):
             try:
                 if self._process_recv_primitive():
                     pass
-                elif self._is_transport_event():
+                elif self._transport_event():
                     self._idle_timer.restart()
                     socket_woke = False
             except Exception as exc:  # noqa: BLE001 - as pynetdicom: abort the association
@@ -282,16 +296,51 @@ def _waiting_get_msg(dimse: Any) -> Callable[..., Any]:
     return get_msg
 
 
-def _speed_up_reactors(assoc: Any) -> None:
-    """Install the event-driven waits on one of our associations (before it starts)."""
+def _speed_up_reactors(assoc: Any, node: "DicomNode | None" = None) -> None:
+    """Install the event-driven waits on one of our associations (before it starts) and,
+    with ``node``, the fast data phase (:mod:`dicom_node.fastpath`)."""
     dul = assoc.dul
     if type(dul) is DULServiceProvider and not dul.is_alive():
         dul.__class__ = _NodeDUL
+        # pynetdicom bound the thread's target to its own run_reactor in __init__
+        dul._target = make_target(dul.run_reactor)
+        if node is not None and FAST_DATA_PHASE:
+            dul._fast = FastDataPhase(
+                dul, node.store, on_store=lambda inc: _store_fast(inc, assoc, node),
+                on_echo=lambda: _handle_echo(None, node),  # type: ignore[arg-type]
+                handlers_ok=_only_node_handlers)
     if type(dul.socket) is AssociationSocket:
         dul.socket.__class__ = _NodeAssociationSocket
     dimse = assoc.dimse
     if getattr(dimse, "msg_queue", None) is not None:
         dimse.get_msg = _waiting_get_msg(dimse)
+
+
+# The data phase of our associations is read and answered by dicom_node.fastpath (C-STORE,
+# C-ECHO); pynetdicom keeps association set-up, release, abort and every other service.
+# False: everything through pynetdicom (diagnosis: bench/ingest.py --receivers stock).
+FAST_DATA_PHASE = True
+
+# Events the fast data phase does not fire: an association with a handler bound to one of
+# them (beyond the node's own) stays on pynetdicom's path.
+_EVENTS_NOT_FIRED = (evt.EVT_DATA_RECV, evt.EVT_DATA_SENT, evt.EVT_PDU_RECV, evt.EVT_PDU_SENT,
+                     evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT)
+
+
+def _only_node_handlers(assoc: Any) -> bool:
+    """True when the association has no handlers the fast data phase would skip:
+    nothing bound to the events it does not fire (pynetdicom's own debug-logging
+    handlers aside), and the node's own C-STORE and C-ECHO handlers."""
+    try:
+        for e in _EVENTS_NOT_FIRED:
+            if any(getattr(h, "__module__", "") != "pynetdicom._handlers" for h, _args in assoc.get_handlers(e)):
+                return False
+        store = assoc.get_handlers(evt.EVT_C_STORE)
+        echo = assoc.get_handlers(evt.EVT_C_ECHO)
+    except Exception:  # noqa: BLE001 - unknown pynetdicom: stay on its path
+        return False
+    return (isinstance(store, tuple) and store[:1] == (_handle_store,)
+            and isinstance(echo, tuple) and echo[:1] == (_handle_echo,))
 
 
 # -- the association server ----------------------------------------------------------------
@@ -603,7 +652,7 @@ def _handle_conn_open(event: evt.Event, node: DicomNode) -> None:
         calling, address = _peer(event.assoc)
         event.assoc.acse.__class__ = _NodeACSE
         event.assoc.acse.node = node
-        _speed_up_reactors(event.assoc)
+        _speed_up_reactors(event.assoc, node)
         event.assoc.dentfuse_tally = AssociationTally(node.settings.ae_title, calling, address)
     except Exception:  # noqa: BLE001
         LOG.exception("cannot prepare association")
@@ -621,6 +670,12 @@ def _handle_conn_close(event: evt.Event, node: DicomNode) -> None:
                     fh.close()
                 except Exception:  # noqa: BLE001
                     pass
+        fast = getattr(getattr(assoc, "dul", None), "_fast", None)
+        fast_partial = fast.close_partial() if fast is not None else None
+        if fast_partial is not None:
+            node.store.discard(fast_partial)
+            partial = partial or fast_partial
+        if partial is not None:
             node.store.discard(Path(partial))
             LOG.warning("association with %s ended inside a dataset; partial file discarded",
                         _peer(assoc)[0] or "?")
@@ -641,24 +696,67 @@ def _handle_echo(event: evt.Event, node: DicomNode) -> int:
 
 def _handle_store(event: evt.Event, node: DicomNode) -> int:
     """C-STORE: stream-received file -> checks -> durable store + index -> status."""
-    assoc = event.assoc
-    calling, address = _peer(assoc)
     req = event.request
     sop_instance = str(getattr(req, "AffectedSOPInstanceUID", "") or "")[:80]
     tmp: Path | None = None
-    own_tmp = False
+
+    def accept() -> AcceptResult:
+        nonlocal tmp
+        context_sop_class = str(event.context.abstract_syntax)
+        tmp = _received_file(event, node)
+        if tmp is not None and tmp.parent != node.store.incoming_dir:
+            tmp = _copy_into_incoming(tmp, node.store)
+        return accept_instance(
+            tmp, node.store, node.index, _peer(event.assoc)[0], node.settings.duplicate_policy,
+            expected_sop_class_uid=context_sop_class,
+            expected_sop_instance_uid=str(req.AffectedSOPInstanceUID),
+        )
+
+    try:
+        return _store_outcome(event.assoc, node, sop_instance, accept)
+    finally:
+        if tmp is not None:  # moved into place on success; otherwise it goes now
+            node.store.discard(tmp)
+
+
+def _store_fast(inc: IncomingInstance, assoc: Any, node: DicomNode) -> int:
+    """C-STORE received by the fast data phase: the dataset is in ``inc.path`` (File Meta
+    written by us, sha256 computed on arrival). Same checks, durability and statuses as
+    :func:`_handle_store`: checks -> fdatasync -> rename -> directory fsync -> index."""
+
+    def accept() -> AcceptResult:
+        if inc.write_error is not None:
+            status = Status.OUT_OF_RESOURCES_DISK_FULL if is_disk_full(inc.write_error) else Status.OUT_OF_RESOURCES
+            raise InstanceRejected(status, f"cannot write the received dataset: {inc.write_error}")
+        header = inspect_received(inc.path, inc.transfer_syntax, inc.dataset_offset, inc.sha256,
+                                  expected_sop_class_uid=inc.abstract_syntax,
+                                  expected_sop_instance_uid=inc.sop_instance_uid)
+        try:
+            storage.sync_fd(inc.fd)
+            inc.close()
+        except OSError as exc:
+            status = Status.OUT_OF_RESOURCES_DISK_FULL if is_disk_full(exc) else Status.OUT_OF_RESOURCES
+            raise InstanceRejected(status, f"cannot flush the received dataset to disk: {exc}") from exc
+        return accept_instance(inc.path, node.store, node.index, _peer(assoc)[0],
+                               node.settings.duplicate_policy, header=header, synced=True)
+
+    try:
+        return _store_outcome(assoc, node, inc.sop_instance_uid[:80], accept)
+    finally:
+        try:
+            inc.close()
+        except OSError:
+            pass
+        node.store.discard(inc.path)  # moved into place on success; otherwise it goes now
+
+
+def _store_outcome(assoc: Any, node: DicomNode, sop_instance: str, accept: Callable[[], AcceptResult]) -> int:
+    """Run ``accept`` and turn its outcome into the DIMSE status, with the log, audit,
+    association tally and ``on_received`` call; never raises."""
+    calling, address = _peer(assoc)
     try:
         try:
-            context_sop_class = str(event.context.abstract_syntax)
-            tmp = _received_file(event, node)
-            own_tmp = tmp is not None and tmp.parent != node.store.incoming_dir
-            if own_tmp:
-                tmp = _copy_into_incoming(tmp, node.store)
-            result = accept_instance(
-                tmp, node.store, node.index, calling, node.settings.duplicate_policy,
-                expected_sop_class_uid=context_sop_class,
-                expected_sop_instance_uid=str(req.AffectedSOPInstanceUID),
-            )
+            result = accept()
         except InstanceRejected as exc:
             LOG.warning("C-STORE %s from %s (%s) refused: %s", sop_instance, calling, address, exc)
             tally = getattr(assoc, "dentfuse_tally", None)
@@ -686,9 +784,6 @@ def _handle_store(event: evt.Event, node: DicomNode) -> int:
                          detail={"sop_instance_uid": sop_instance, "status": "0x0110",
                                  "reason": f"internal error: {type(exc).__name__}"})
         return int(Status.PROCESSING_FAILURE)
-    finally:
-        if tmp is not None:  # moved into place on success; otherwise it goes now
-            node.store.discard(tmp)
 
 
 def _received_file(event: evt.Event, node: DicomNode) -> Path:

@@ -22,7 +22,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from dicom_node.errors import StorageError
 from dicom_node.uids import check_uid
@@ -42,6 +42,42 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sync_fd(fd: int) -> None:
+    """Flush a file's data (and the metadata needed to read it back, e.g. its size) to
+    disk: ``fdatasync``. Enough for a temporary file that is then renamed and whose
+    directory is fsync'd (its timestamps are not worth a second journal write)."""
+    os.fdatasync(fd)
+
+
+def _load_sync_file_range() -> Callable[[int, int, int], None] | None:
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+
+    def start(fd: int, offset: int, nbytes: int) -> None:
+        fn(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE: start writeback, do not wait
+
+    return start
+
+
+_sync_file_range = _load_sync_file_range() if hasattr(os, "fdatasync") else None
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing ``nbytes`` at ``offset`` of ``fd`` to disk now,
+    without waiting (Linux ``sync_file_range``; a no-op elsewhere). Durability still comes
+    from :func:`sync_fd`; this only lets the disk work while the rest still arrives."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, nbytes)
 
 
 def fsync_file(path: Path) -> None:
@@ -110,6 +146,11 @@ class InstanceStore:
         fd, name = tempfile.mkstemp(suffix=TEMP_SUFFIX, dir=self.incoming_dir)
         return Path(name), os.fdopen(fd, "wb")
 
+    def new_temp_fd(self) -> tuple[Path, int]:
+        """A new temporary file in the incoming directory as a raw descriptor (O_WRONLY)."""
+        fd, name = tempfile.mkstemp(prefix="rx-", suffix=TEMP_SUFFIX, dir=self.incoming_dir)
+        return Path(name), fd
+
     def discard(self, tmp_path: Path) -> None:
         """Remove a temporary file (missing is fine)."""
         try:
@@ -139,11 +180,13 @@ class InstanceStore:
         return removed
 
     # -- commit ----------------------------------------------------------------------
-    def commit(self, tmp_path: Path, final_path: Path, *, overwrite: bool = False) -> Path:
+    def commit(self, tmp_path: Path, final_path: Path, *, overwrite: bool = False,
+               synced: bool = False) -> Path:
         """Move a complete temporary file durably to ``final_path``.
 
-        fsync the file, create missing directories (fsync'ing each parent), rename
-        atomically, fsync the directory.
+        fsync the file (``synced``: the caller already flushed its data with
+        :func:`sync_fd` after the last write), create missing directories (fsync'ing each
+        parent), rename atomically, fsync the directory.
 
         Raises
         ------
@@ -155,7 +198,8 @@ class InstanceStore:
         if not self._is_under_root(final_path):
             raise StorageError(f"refusing to write {final_path}: outside {self.root}")
         try:
-            fsync_file(tmp_path)
+            if not synced:
+                fsync_file(tmp_path)
             self._make_dirs(final_path.parent)
             if not overwrite and final_path.exists():
                 raise StorageError(

@@ -331,7 +331,7 @@ def test_disk_full_is_out_of_resources_and_recoverable(node, tmp_path, monkeypat
 
     (p, q) = make_ct_series(tmp_path / "src", 2, seed=95)
 
-    def full(tmp, final, overwrite=False):
+    def full(tmp, final, overwrite=False, synced=False):
         raise StorageError(f"cannot store {final.name}: no space") from OSError(errno.ENOSPC, "No space left")
 
     monkeypatch.setattr(node.store, "commit", full)

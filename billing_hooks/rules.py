@@ -44,6 +44,20 @@ class PriorClaim:
 
 
 @dataclass(frozen=True)
+class ReviewRecord:
+    """A person's review of the registration (``dentfuse review``): the latest one counts."""
+
+    accepted: bool
+    reviewer: str
+    note: str
+    reviewed_at: str  # ISO-8601 UTC
+
+    def to_evidence(self) -> dict[str, object]:
+        return {"accepted": self.accepted, "reviewer": self.reviewer, "note": self.note,
+                "reviewed_at": self.reviewed_at}
+
+
+@dataclass(frozen=True)
 class RuleContext:
     result: FusionResult
     policy: PayerPolicy
@@ -53,6 +67,7 @@ class RuleContext:
     prior_claims: tuple[PriorClaim, ...] = ()
     rationale: str = ""
     clinician: str = ""
+    review: ReviewRecord | None = None
 
 
 @dataclass(frozen=True)
@@ -173,10 +188,14 @@ def _r4(ctx: RuleContext) -> RuleResult:
     r = ctx.result
     checks = [{"name": q.name, "value": q.value, "threshold": q.threshold, "comparison": q.comparison,
                "passed": q.passed, "severity": q.severity} for q in r.quality_checks]
-    evidence = {"verdict": r.verdict, "fusion_reasons": list(r.reasons), "quality_checks": checks,
-                "method": r.method}
+    evidence: dict[str, object] = {"verdict": r.verdict, "fusion_reasons": list(r.reasons),
+                                   "quality_checks": checks, "method": r.method}
     rid, title = "r4_registration_quality", RULE_TITLES["r4_registration_quality"]
     why = "; ".join(r.reasons)
+    review = ctx.review
+    if review is not None:
+        evidence["review"] = review.to_evidence()
+        when = review.reviewed_at[:10]
     failed_reject = [q for q in r.quality_checks if not q.passed and q.severity == "reject"]
     failed_review = [q for q in r.quality_checks if not q.passed and q.severity == "review"]
     if r.verdict == "rejected":
@@ -189,6 +208,16 @@ def _r4(ctx: RuleContext) -> RuleResult:
         return RuleResult(rid, title, False,
                           f"The registration failed the quality check {names} although it was marked accepted; "
                           "it is not billed.", evidence, "not_eligible")
+    if review is not None and not review.accepted:
+        return RuleResult(rid, title, False,
+                          f"{review.reviewer} reviewed the registration on {when} and rejected it "
+                          f"({review.note}); a rejected fusion is recorded but never billed.", evidence, "not_eligible")
+    doubtful = r.verdict == "needs_review" or bool(failed_review) or not r.quality_checks
+    if doubtful and review is not None:  # accepted by a person: the review is the evidence
+        flagged = why or ", ".join(q.name for q in failed_review) or "no quality-gate figures"
+        return RuleResult(rid, title, True,
+                          f"The registration was flagged for review ({flagged}); {review.reviewer} reviewed it on "
+                          f"{when} and accepted it ({review.note}).", evidence)
     if r.verdict == "needs_review":
         return RuleResult(rid, title, False,
                           "The registration is doubtful and waits for a person to review it"

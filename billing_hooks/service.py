@@ -187,6 +187,13 @@ class BillingHook:
         e = self._latest(fusion_id, "documentation")
         return (e.event["rationale"], e.event["clinician"]) if e else ("", "")
 
+    def _review(self, fusion_id: str) -> rules.ReviewRecord | None:
+        e = self._latest(fusion_id, "review")
+        if e is None:
+            return None
+        return rules.ReviewRecord(bool(e.event.get("accepted")), str(e.event.get("reviewer", "")),
+                                  str(e.event.get("note", "")), e.recorded_at)
+
     def _report(self, fusion_id: str) -> Mapping[str, Any] | None:
         e = self._latest(fusion_id, "report_attached")
         return e.event if e else None
@@ -216,7 +223,8 @@ class BillingHook:
     def _decide(self, result: FusionResult, checks: tuple[rules.OutputCheck, ...], ledgered: frozenset[str],
                 now: datetime, rationale: str, clinician: str, report_id: str) -> BillingDecision:
         prior = tuple(c for c in self._prior_claims(result.patient_key) if c.fusion_id != result.fusion_id)
-        ctx = rules.RuleContext(result, self.policy, now, checks, ledgered, prior, rationale, clinician)
+        ctx = rules.RuleContext(result, self.policy, now, checks, ledgered, prior, rationale, clinician,
+                                self._review(result.fusion_id))
         results = rules.evaluate(ctx)
         status = rules.status_of(results)
         code = rules.procedure_code(result) if status in ("needs_documentation", "ready_to_bill") else None
@@ -341,6 +349,44 @@ class BillingHook:
                                fusion_id=fusion_id, patient_key=current.patient_key)
             decision = self.preview_documentation(fusion_id, rationale=rationale.strip(), clinician=clinician.strip())
             self.ledger.append("decision", decision.to_dict(), fusion_id=fusion_id, patient_key=current.patient_key)
+        self._maybe_export(fusion_id)
+        return self.require_decision(fusion_id)
+
+    def review(self, fusion_id: str, *, accepted: bool, reviewer: str, note: str) -> BillingDecision:
+        """Ledger a person's review of the registration and decide again (rule 4).
+
+        Accepting a registration the gate flagged (``needs_review``) lets the fusion go on
+        to documentation and billing; rejecting one makes it not eligible, whatever its
+        gate said. A registration the gate rejected stays not eligible either way. The
+        latest review counts; every review stays in the ledger.
+
+        Raises
+        ------
+        UnknownFusionError, BillingError, NotReadyError
+            Unknown fusion, reviewer or note missing, or the claim was already exported.
+        """
+        current = self.require_decision(fusion_id)
+        if not reviewer.strip():
+            raise BillingError("name the person who reviewed the registration (--reviewer)")
+        if not note.strip():
+            raise BillingError("say what the review found (--note), e.g. which QA pictures were checked")
+        if current.status == "exported":
+            raise NotReadyError(f"fusion {fusion_id} was already exported; its review cannot change the claim")
+        result = self.fusion_result(fusion_id)
+        with self.ledger.transaction():
+            self.ledger.append("review", {"accepted": bool(accepted), "reviewer": reviewer.strip(),
+                                          "note": note.strip(), "gate_verdict": result.verdict,
+                                          "status_before": current.status},
+                               fusion_id=fusion_id, patient_key=current.patient_key)
+            checks = self._output_checks(result)
+            recorded = self._latest(fusion_id, "fusion_recorded")
+            ledgered = frozenset(f["sha256"] for f in recorded.event.get("files", ())) if recorded else frozenset()
+            rationale, clinician = self._documentation(fusion_id)
+            report = self._report(fusion_id)
+            decision = self._decide(result, checks, ledgered, self._clock(), rationale, clinician,
+                                    report["report_id"] if report else "")
+            self.ledger.append("decision", decision.to_dict(), fusion_id=fusion_id, patient_key=current.patient_key)
+        log.info("fusion %s reviewed (%s): now %s", fusion_id, "accepted" if accepted else "rejected", decision.status)
         self._maybe_export(fusion_id)
         return self.require_decision(fusion_id)
 

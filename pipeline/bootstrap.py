@@ -207,6 +207,25 @@ class Finisher:
         self.follow_up_documentation(only=fusion_id)
         return self.billing.decision(fusion_id)
 
+    def review(self, fusion_id: str, *, accepted: bool, reviewer: str, note: str) -> tuple[Any, int]:
+        """Record a person's review of a fusion's registration and follow it through.
+
+        The billing hook ledgers the review and decides again; the report is re-issued for
+        the new decision; an accepted fusion's DICOM outputs are then queued for the PACS
+        (they were held back while the registration was doubtful), unless the gate rejected
+        it. Returns the decision and the number of output instances queued.
+        """
+        decision = self.billing.review(fusion_id, accepted=accepted, reviewer=reviewer, note=note)
+        result = self.load_result(fusion_id)
+        if decision.status != "exported":
+            self.ensure_report(result, decision)
+        queued = 0
+        if accepted and result.verdict != "rejected" and self.forward is not None and self.cfg.pacs.forward_outputs:
+            queued = self.forward_outputs(result)
+        if decision.status == "ready_to_bill":
+            self.follow_up_documentation(only=fusion_id)
+        return self.billing.decision(fusion_id), queued
+
     def follow_up_documentation(self, only: str | None = None) -> int:
         """For every documented decision still ready to bill (documented elsewhere, or its
         export was blocked): a report that shows the rationale, then the export.
@@ -244,6 +263,20 @@ def document_fusion(cfg: Config, fusion_id: str, rationale: str, clinician: str)
         return Finisher(cfg, billing).document(fusion_id, rationale, clinician)
     finally:
         billing.close()
+
+
+def review_fusion(cfg: Config, fusion_id: str, *, accepted: bool, reviewer: str, note: str) -> tuple[Any, int]:
+    """Review a fusion's registration on a data directory (decision, report, and for an
+    accepted one its outputs queued in the persistent PACS forwarding queue, which
+    ``dentfuse serve`` delivers). Returns the decision and the number of instances queued."""
+    billing = build_billing(cfg)
+    forward = build_forward_queue(cfg) if cfg.pacs.destinations and cfg.pacs.forward_outputs else None
+    try:
+        return Finisher(cfg, billing, forward).review(fusion_id, accepted=accepted, reviewer=reviewer, note=note)
+    finally:
+        billing.close()
+        if forward is not None:
+            forward.close()
 
 
 def scu_tls(cfg: Config) -> Any:

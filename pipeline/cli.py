@@ -25,6 +25,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "events": "pipeline.cli_billing:events",
     "ledger": "pipeline.cli_billing:ledger",
     "document": "pipeline.cli_billing:document",
+    "review": "pipeline.cli_billing:review",
     "node": "pipeline.cli_node:node",
 }
 

@@ -1,4 +1,4 @@
-"""``dentfuse ledger verify|show``, ``dentfuse events`` and ``dentfuse document``."""
+"""``dentfuse ledger verify|show``, ``dentfuse events``, ``dentfuse document`` and ``dentfuse review``."""
 
 from __future__ import annotations
 
@@ -88,6 +88,8 @@ def _summary(kind: str, ev: dict[str, Any]) -> str:
         return f"{r.get('method')} {r.get('verdict')}, {len(r.get('inputs', []))} inputs, operator {ev.get('operator') or '-'}"
     if kind == "documentation":
         return f"rationale by {ev.get('clinician')}"
+    if kind == "review":
+        return f"registration {'accepted' if ev.get('accepted') else 'rejected'} by {ev.get('reviewer')}"
     if kind == "report_attached":
         return f"report {ev.get('report_id')}" + (" (after export)" if ev.get("after_export") else "")
     if kind == "exported":
@@ -185,3 +187,48 @@ def document(cfg_opts: dict[str, Any], as_json: bool, fusion_id: str, rationale:
     click.echo(f"fusion {fusion_id}: {decision.status.replace('_', ' ')} {decision.code or ''}".rstrip())
     for r in decision.reasons:
         click.echo(f"  - {r}")
+
+
+@click.command()
+@common_options
+@click.argument("fusion_id")
+@click.option("--accept", "verdict", flag_value="accept", help="The registration is correct (QA pictures checked).")
+@click.option("--reject", "verdict", flag_value="reject", help="The registration is wrong: never bill this fusion.")
+@click.option("--reviewer", required=True, help="Name of the person who reviewed the registration.")
+@click.option("--note", required=True, help="What the review found, e.g. which QA pictures were checked.")
+def review(cfg_opts: dict[str, Any], as_json: bool, fusion_id: str, verdict: str | None, reviewer: str,
+           note: str) -> None:
+    """Review a fusion whose registration was flagged (needs review): --accept lets it go
+    on to documentation and billing and queues its outputs for the PACS; --reject records
+    that it must never be billed. Ledgered; the report is re-issued."""
+    from billing_hooks.errors import BillingError
+
+    if verdict is None:
+        raise click.UsageError("say --accept or --reject")
+    cfg = build_config(cfg_opts)
+    led = _open_ledger(cfg.data_dir)
+    try:
+        known = bool(led.entries(fusion_id=fusion_id, kind="decision"))
+    finally:
+        led.close()
+    if not known:
+        raise click.ClickException(f"fusion {fusion_id!r} is not in the ledger of {cfg.data_dir}; "
+                                   "see `dentfuse events`")
+    from pipeline.bootstrap import fusions_dir, review_fusion
+
+    if not (fusions_dir(cfg.data_dir) / fusion_id / "result.json").is_file():
+        raise click.ClickException(f"fusion {fusion_id!r} has no folder {fusions_dir(cfg.data_dir) / fusion_id} "
+                                   "with result.json; review it on the data directory that computed it")
+    try:
+        decision, queued = review_fusion(cfg, fusion_id, accepted=verdict == "accept", reviewer=reviewer, note=note)
+    except (BillingError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        emit_json({**decision.to_dict(), "outputs_queued_for_pacs": queued})
+        return
+    click.echo(f"fusion {fusion_id}: registration {'accepted' if verdict == 'accept' else 'rejected'} by "
+               f"{reviewer.strip()}; now {decision.status.replace('_', ' ')} {decision.code or ''}".rstrip())
+    for r in decision.reasons:
+        click.echo(f"  - {r}")
+    if queued:
+        click.echo(f"  {queued} output instance(s) queued for the PACS")

@@ -15,7 +15,7 @@ from billing_hooks.decision import BillingDecision
 from billing_hooks.policy import PayerPolicy
 from billing_hooks.rules import RULES
 from fusion.records import QualityCheck
-from billing_helpers import POLICY, FakeClock, attach_pdf, cbct, make_hook, mr, pano, result, scan
+from billing_helpers import GOOD_CHECKS, POLICY, FakeClock, attach_pdf, cbct, make_hook, mr, pano, result, scan
 
 R8 = "r8_rationale_documented"
 
@@ -131,6 +131,32 @@ SCENARIOS = [
 ]
 
 
+def _reviewed(tmp: Path, *, accepted: bool, verdict: str = "needs_review", checks=None, reasons=()) -> BillingDecision:
+    hook = make_hook(tmp / "data")
+    hook.record_fusion(result(tmp, "F1", (cbct("a"), cbct("b", role="moving")), verdict=verdict,
+                              checks=REVIEW if checks is None else checks, reasons=reasons))
+    return hook.review("F1", accepted=accepted, reviewer="T. Tech",
+                       note="QA overlays checked: incisors and molars line up" if accepted else "molars misaligned")
+
+
+REVIEW_SCENARIOS = [
+    Scenario("flagged_then_review_accepted", lambda t: _reviewed(t, accepted=True, reasons=("overlap 0.30 below 0.35",)),
+             "needs_documentation", "D0395", {R8}),
+    Scenario("flagged_then_review_rejected", lambda t: _reviewed(t, accepted=False), "not_eligible", None,
+             {"r4_registration_quality", R8}, "T. Tech reviewed the registration"),
+    Scenario("no_quality_figures_then_review_accepted", lambda t: _reviewed(t, accepted=True, verdict="accepted",
+                                                                          checks=()),
+             "needs_documentation", "D0395", {R8}),
+    Scenario("gate_rejected_stays_rejected_after_review", lambda t: _reviewed(t, accepted=True, verdict="rejected",
+                                                                            checks=REJECT),
+             "not_eligible", None, {"r4_registration_quality", R8}, "rejected by its quality gate"),
+    Scenario("passing_registration_rejected_by_reviewer",
+             lambda t: _reviewed(t, accepted=False, verdict="accepted", checks=GOOD_CHECKS),
+             "not_eligible", None, {"r4_registration_quality", R8}, "rejected it"),
+]
+SCENARIOS += REVIEW_SCENARIOS
+
+
 def assert_plain_language(text: str) -> None:
     assert text[:1].isupper(), text
     assert text.endswith("."), text
@@ -230,3 +256,42 @@ def test_rules_are_explicit_objects() -> None:
     for n in range(1, 9):
         assert any(i.startswith(f"r{n}_") for i in ids), n
     assert all(r.title for r in RULES)
+
+
+def test_review_accepted_then_documented_exports_and_is_ledgered(tmp_path: Path) -> None:
+    hook = make_hook(tmp_path / "data")
+    hook.record_fusion(result(tmp_path, "F1", (cbct("a"), cbct("b", role="moving")), verdict="needs_review",
+                              checks=REVIEW, reasons=("overlap 0.30 below 0.35",)))
+    attach_pdf(hook, tmp_path, "F1", "RPT-F1-1")
+    assert hook.require_decision("F1").status == "needs_review"
+    # documentation alone does not get a doubtful registration billed
+    assert hook.document("F1", rationale="Implant planning at 36.", clinician="Dr. A. Molar").status == "needs_review"
+    d = hook.review("F1", accepted=True, reviewer="T. Tech", note="QA overlays checked")
+    assert (d.status, d.code, d.report_id) == ("exported", "D0395", "RPT-F1-1")
+    r4 = next(r for r in d.rules if r.rule_id == "r4_registration_quality")
+    assert r4.passed and "T. Tech reviewed it" in r4.reason and r4.evidence["review"]["accepted"] is True
+    kinds = [e.kind for e in hook.ledger.entries(fusion_id="F1")]
+    assert kinds.index("review") < kinds.index("exported")
+    review = hook.ledger.entries(fusion_id="F1", kind="review")[0].event
+    assert review == {"accepted": True, "reviewer": "T. Tech", "note": "QA overlays checked",
+                      "gate_verdict": "needs_review", "status_before": "needs_review"}
+    with pytest.raises(NotReadyError, match="already exported"):
+        hook.review("F1", accepted=False, reviewer="Dr B", note="changed my mind")
+    assert hook.ledger.verify().ok
+
+
+def test_review_needs_a_reviewer_and_a_note_and_the_latest_counts(tmp_path: Path) -> None:
+    from billing_hooks.errors import BillingError, UnknownFusionError
+
+    hook = make_hook(tmp_path / "data")
+    with pytest.raises(UnknownFusionError):
+        hook.review("nope", accepted=True, reviewer="T", note="n")
+    hook.record_fusion(result(tmp_path, "F1", (cbct("a"), cbct("b", role="moving")), verdict="needs_review",
+                              checks=REVIEW))
+    with pytest.raises(BillingError, match="--reviewer"):
+        hook.review("F1", accepted=True, reviewer=" ", note="looks fine")
+    with pytest.raises(BillingError, match="--note"):
+        hook.review("F1", accepted=True, reviewer="T. Tech", note="")
+    assert hook.review("F1", accepted=False, reviewer="T. Tech", note="molars off").status == "not_eligible"
+    assert hook.review("F1", accepted=True, reviewer="Dr. Lead", note="re-checked").status == "needs_documentation"
+    assert len(hook.ledger.entries(fusion_id="F1", kind="review")) == 2

@@ -281,6 +281,11 @@ class BillingHook:
         """The decision that :meth:`document` would reach with this rationale, without
         recording anything (the pipeline renders it in the report version that shows the
         rationale before the claim is exported)."""
+        return self._decide_again(fusion_id, rationale, clinician)
+
+    def _decide_again(self, fusion_id: str, rationale: str, clinician: str) -> BillingDecision:
+        """The decision for a recorded fusion now (outputs re-checked, latest review and
+        report), with this documentation."""
         result = self.fusion_result(fusion_id)
         checks = self._output_checks(result)
         recorded = self._latest(fusion_id, "fusion_recorded")
@@ -378,13 +383,7 @@ class BillingHook:
                                           "note": note.strip(), "gate_verdict": result.verdict,
                                           "status_before": current.status},
                                fusion_id=fusion_id, patient_key=current.patient_key)
-            checks = self._output_checks(result)
-            recorded = self._latest(fusion_id, "fusion_recorded")
-            ledgered = frozenset(f["sha256"] for f in recorded.event.get("files", ())) if recorded else frozenset()
-            rationale, clinician = self._documentation(fusion_id)
-            report = self._report(fusion_id)
-            decision = self._decide(result, checks, ledgered, self._clock(), rationale, clinician,
-                                    report["report_id"] if report else "")
+            decision = self._decide_again(fusion_id, *self._documentation(fusion_id))
             self.ledger.append("decision", decision.to_dict(), fusion_id=fusion_id, patient_key=current.patient_key)
         log.info("fusion %s reviewed (%s): now %s", fusion_id, "accepted" if accepted else "rejected", decision.status)
         self._maybe_export(fusion_id)

@@ -28,6 +28,17 @@ def _open_ledger(data_dir: Path) -> Any:
     return Ledger(path, base_dir=Path(data_dir))
 
 
+def _require_decided(data_dir: Path, fusion_id: str) -> None:
+    """Stop with a clear error unless ``fusion_id`` has a decision in the ledger."""
+    led = _open_ledger(data_dir)
+    try:
+        known = bool(led.entries(fusion_id=fusion_id, kind="decision"))
+    finally:
+        led.close()
+    if not known:
+        raise click.ClickException(f"fusion {fusion_id!r} is not in the ledger of {data_dir}; see `dentfuse events`")
+
+
 @click.group()
 def ledger() -> None:
     """The tamper-evident provenance ledger (fusions, decisions, documentation, exports, deliveries)."""
@@ -156,14 +167,7 @@ def document(cfg_opts: dict[str, Any], as_json: bool, fusion_id: str, rationale:
     from billing_hooks.errors import BillingError
 
     cfg = build_config(cfg_opts)
-    led = _open_ledger(cfg.data_dir)
-    try:
-        known = bool(led.entries(fusion_id=fusion_id, kind="decision"))
-    finally:
-        led.close()
-    if not known:
-        raise click.ClickException(f"fusion {fusion_id!r} is not in the ledger of {cfg.data_dir}; "
-                                   "see `dentfuse events`")
+    _require_decided(cfg.data_dir, fusion_id)
     try:
         from pipeline.bootstrap import document_fusion, fusions_dir
     except ImportError:  # billing alone: record the documentation without the report follow-up
@@ -206,14 +210,7 @@ def review(cfg_opts: dict[str, Any], as_json: bool, fusion_id: str, verdict: str
     if verdict is None:
         raise click.UsageError("say --accept or --reject")
     cfg = build_config(cfg_opts)
-    led = _open_ledger(cfg.data_dir)
-    try:
-        known = bool(led.entries(fusion_id=fusion_id, kind="decision"))
-    finally:
-        led.close()
-    if not known:
-        raise click.ClickException(f"fusion {fusion_id!r} is not in the ledger of {cfg.data_dir}; "
-                                   "see `dentfuse events`")
+    _require_decided(cfg.data_dir, fusion_id)
     from pipeline.bootstrap import fusions_dir, review_fusion
 
     if not (fusions_dir(cfg.data_dir) / fusion_id / "result.json").is_file():

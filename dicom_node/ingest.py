@@ -22,7 +22,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator, read_preamble, _read_file_meta_info
@@ -169,10 +169,15 @@ def inspect_received(
     sha256: str,
     expected_sop_class_uid: str | None = None,
     expected_sop_instance_uid: str | None = None,
+    *,
+    head: bytes | None = None,
+    size: int | None = None,
 ) -> InstanceHeader:
     """:func:`inspect_instance` for a file the listener has just written itself: the File
     Meta Information is its own (``dataset_offset`` is where the dataset starts) and the
     dataset's sha256 was computed while the bytes arrived, so only the dataset is walked.
+    ``head`` (the dataset's first bytes, kept while receiving) and ``size`` (the file's)
+    spare reading the file in the common case.
 
     Raises
     ------
@@ -180,6 +185,11 @@ def inspect_received(
         As :func:`inspect_instance`, with the same statuses for the same faults.
     """
     _check_transfer_syntax(transfer_syntax_uid)
+    if head is not None and size is not None and transfer_syntax_uid != DEFLATED_TRANSFER_SYNTAX:
+        attrs_or_none = _scan_received_head(path, head, dataset_offset, size, transfer_syntax_uid == _IMPLICIT)
+        if attrs_or_none is not None:
+            return _checked_header(attrs_or_none, transfer_syntax_uid, dataset_offset, size, sha256,
+                                   expected_sop_class_uid, expected_sop_instance_uid)
     try:
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
@@ -192,6 +202,27 @@ def inspect_received(
         raise InstanceRejected(status, f"cannot read the received file: {exc}") from exc
     return _checked_header(attrs, transfer_syntax_uid, dataset_offset, size, sha256,
                            expected_sop_class_uid, expected_sop_instance_uid)
+
+
+def _scan_received_head(path: Path, head: bytes, offset: int, size: int, implicit: bool) -> dict[str, str] | None:
+    """:func:`_scan_simple` over the in-memory head of a received dataset; the file is
+    opened only for element headers beyond it. None: the full walk must decide."""
+    fh: BinaryIO | None = None
+
+    def read_at(pos: int, n: int) -> bytes:
+        nonlocal fh
+        if fh is None:
+            fh = open(path, "rb")
+        fh.seek(pos)
+        return fh.read(n)
+
+    try:
+        return _scan_simple_buffer(head, offset, size, implicit, read_at)
+    except OSError:
+        return None
+    finally:
+        if fh is not None:
+            fh.close()
 
 
 def _check_transfer_syntax(ts: str) -> None:
@@ -298,10 +329,21 @@ def _scan_simple(fh: BinaryIO, size: int, implicit: bool) -> dict[str, str] | No
     ASCII with their dictionary VR. Returns None at anything else (undefined lengths,
     sequences' delimiters, unknown VRs, truncation, stray bytes, odd values), and
     pydicom's walk decides, with its error messages and statuses."""
+    start = fh.tell()
+
+    def read_at(pos: int, n: int) -> bytes:
+        fh.seek(pos)
+        return fh.read(n)
+
+    return _scan_simple_buffer(fh.read(_HEAD_BYTES), start, size, implicit, read_at)
+
+
+def _scan_simple_buffer(head: bytes, start: int, size: int, implicit: bool,
+                        read_at: Callable[[int, int], bytes]) -> dict[str, str] | None:
+    """:func:`_scan_simple` with the first bytes of the dataset (from file offset
+    ``start``) in ``head`` and ``read_at(pos, n)`` for anything beyond them."""
     if _strict_reading():
         return None
-    start = fh.tell()
-    head = fh.read(_HEAD_BYTES)
     head_end = start + len(head)
     unpack_from = struct.unpack_from
     attrs: dict[str, str] = {}
@@ -313,8 +355,7 @@ def _scan_simple(fh: BinaryIO, size: int, implicit: bool) -> dict[str, str] | No
         if pos + 12 <= head_end:
             raw, rel = head, pos - start
         else:
-            fh.seek(pos)
-            raw, rel = fh.read(12), 0
+            raw, rel = read_at(pos, 12), 0
             if len(raw) < 8:
                 return None
         group, elem = unpack_from("<HH", raw, rel)
@@ -351,8 +392,9 @@ def _scan_simple(fh: BinaryIO, size: int, implicit: bool) -> dict[str, str] | No
         if pos <= head_end:
             value = bytes(head[value_at - start:pos - start])
         else:
-            fh.seek(value_at)
-            value = fh.read(length)
+            value = read_at(value_at, length)
+            if len(value) != length:
+                return None
         if _PLAIN_ASCII.fullmatch(value) is None:
             return None
         attrs[name] = value.decode("ascii").rstrip("\0 ").strip()

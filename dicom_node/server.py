@@ -730,7 +730,8 @@ def _store_fast(inc: IncomingInstance, assoc: Any, node: DicomNode) -> int:
             raise InstanceRejected(status, f"cannot write the received dataset: {inc.write_error}")
         header = inspect_received(inc.path, inc.transfer_syntax, inc.dataset_offset, inc.sha256,
                                   expected_sop_class_uid=inc.abstract_syntax,
-                                  expected_sop_instance_uid=inc.sop_instance_uid)
+                                  expected_sop_instance_uid=inc.sop_instance_uid,
+                                  head=bytes(inc.head), size=inc.size)
         try:
             storage.sync_fd(inc.fd)
             inc.close()

@@ -308,6 +308,7 @@ def test_reader_drains_a_dataset_it_cannot_write_and_answers_out_of_resources(tm
     monkeypatch.undo()
     (inc,) = results
     assert inc.write_error is not None and inc.write_error.errno == errno.ENOSPC
+    assert fast.close_partial() is None  # as the connection-close handler does
     assert list((tmp_path / "data" / "instances" / ".incoming").iterdir()) == []
     (rsp,) = _responses(bytes(sock.sent))
     assert rsp.Status == 0xA701

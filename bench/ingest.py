@@ -44,6 +44,8 @@ import numpy as np
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the in-process parts (--timeline, the store-path floor) import dicom_node
+    sys.path.insert(0, str(REPO))
 DATA = REPO / "bench" / "data"
 CT = "1.2.840.10008.5.1.4.1.1.2"
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,11 +188,12 @@ def _uid_text(value: bytes | None) -> str | None:
     if value is None:
         return None
     value = value.rstrip(b"\0 ")
-    if not value or b"\\" in value or not all(0x20 < c < 0x7F for c in value):
+    if _UID_TEXT.fullmatch(value) is None:
         return None
     return value.decode("ascii")
 
 
+_UID_TEXT = re.compile(rb"[\x21-\x5b\x5d-\x7e]+")  # printable ASCII but space and backslash
 _SERVICE_CLASS: dict[str, type] = {}
 
 
@@ -366,7 +368,7 @@ class FastDataPhase:
                     raise _InvalidPDU("a dataset fragment arrived without a C-STORE request")
                 if context_id != inc.context_id:
                     raise _InvalidPDU(f"dataset fragment on context {context_id}, request on {inc.context_id}")
-                self._stream(inc, n)
+                self._stream(inc, n, last=bool(control & 0x02))
                 if control & 0x02:
                     self.incoming = None
                     self._complete(inc)
@@ -450,8 +452,9 @@ class FastDataPhase:
         self._write(inc, meta)
         return True
 
-    def _stream(self, inc: IncomingInstance, n: int) -> None:
-        """Copy ``n`` dataset bytes from the socket to the file, hashing them."""
+    def _stream(self, inc: IncomingInstance, n: int, last: bool = False) -> None:
+        """Copy ``n`` dataset bytes from the socket to the file, hashing them (``last``:
+        they end the dataset)."""
         if self._buf is None:
             self._buf = bytearray(_CHUNK)
         sock = self._socket()
@@ -470,11 +473,12 @@ class FastDataPhase:
                 sha.update(chunk)
                 if len(inc.head) < HEAD_BYTES:
                     inc.head += chunk[:HEAD_BYTES - len(inc.head)]
-                self._write(inc, chunk)
+                # the fdatasync right after the last bytes starts their writeback anyway
+                self._write(inc, chunk, writeback=not last or n >= _WRITEBACK_STEP)
                 chunk.release()
                 timer.restart()  # a slow but steady sender is not idle
 
-    def _write(self, inc: IncomingInstance, data: Any) -> None:
+    def _write(self, inc: IncomingInstance, data: Any, writeback: bool = True) -> None:
         inc.size += len(data)
         if inc.fd < 0:
             return  # draining after a write error
@@ -489,7 +493,7 @@ class FastDataPhase:
             self.store.discard(inc.path)
             LOG.error("cannot write the dataset of %s to %s: %s", inc.sop_instance_uid, inc.path, exc)
             return
-        if inc.size - inc._writeback_from >= _WRITEBACK_STEP:
+        if writeback and inc.size - inc._writeback_from >= _WRITEBACK_STEP:
             start_writeback(inc.fd, inc._writeback_from, inc.size - inc._writeback_from)
             inc._writeback_from = inc.size
 

@@ -180,6 +180,12 @@ class _NodeDUL(DULServiceProvider):
         Returns whether the peer's socket was what woke us."""
         sock = getattr(self.socket, "socket", None)
         wake_r = self._wake_r
+        if isinstance(sock, ssl.SSLSocket) and not socket_woke_last:
+            try:
+                if sock.pending():  # decrypted bytes wait in the TLS layer, not the socket
+                    return True
+            except (OSError, ValueError):
+                pass
         if wake_r is None or sock is None or socket_woke_last:
             # no wake-up socket, no connection, or the socket was readable last time and
             # nothing came of it: sleep like stock pynetdicom rather than spin

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Ingest benchmark: the same large CBCT series sent by dcmtk ``storescu`` to our listener
-(:class:`dicom_node.server.DicomNode` with its defaults, in its own process: chunked
-receive, fsync'd and indexed before each 0x0000), to dcmtk ``storescp`` and, with
+(:class:`dicom_node.server.DicomNode` with its defaults, in its own process: its own data
+phase (dicom_node.fastpath), each instance fdatasync'd, renamed, its directory fsync'd
+and indexed before each 0x0000), to dcmtk ``storescp`` (which does not fsync) and, with
 ``--orthanc``, to Orthanc; in one run, repeated, medians printed. ``--receivers`` adds the
 whole ``dentfuse serve`` application (``serve``) and diagnosis variants.
 
@@ -565,9 +566,11 @@ def main() -> int:
     if args.large:
         shapes.append((576, 768, 768))
     print(f"machine: {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM; "
+          f"load {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
           f"TCP_NODELAY={'unset' if args.nagle else '1'} for storescu/storescp/Orthanc; "
           f"storescp --max-pdu {args.storescp_pdu}; dentfuse: unlimited PDU, TCP_NODELAY on accepted sockets, "
-          f"fsync per instance; storescu -xe (Explicit VR LE)", flush=True)
+          f"fdatasync + rename + directory fsync + index per instance; storescp writes without fsync; "
+          f"storescu -xe (Explicit VR LE)", flush=True)
     runs: list[Run] = []
     for shape in shapes:
         series_dir = make_series(*shape)
@@ -588,7 +591,7 @@ def main() -> int:
                 ok = "" if run.received in (len(files), -1) else f"  ONLY {run.received} of {len(files)} RECEIVED"
                 print(f"  run {i + 1} {run.receiver:9s} {run.seconds:6.2f} s {run.mb_per_s:7.1f} MB/s "
                       f"{run.instances_per_s:7.1f} inst/s  peak RSS {run.peak_rss_mb:6.0f} MB "
-                      f"(idle {run.baseline_rss_mb:.0f} MB){ok}", flush=True)
+                      f"(idle {run.baseline_rss_mb:.0f} MB)  load {os.getloadavg()[0]:.2f}{ok}", flush=True)
                 runs.append(run)
 
     print("\nmedians")

@@ -3,11 +3,16 @@
 :class:`DicomNode` owns the store, the index, the stability monitor and the audit trail
 of one data directory, and runs a pynetdicom association server:
 
-* C-STORE datasets are streamed to disk by pynetdicom's chunked receive
-  (``STORE_RECV_CHUNKED_DATASET``) into ``instances/.incoming`` (same file system as
-  the final place), checked (:func:`dicom_node.ingest.inspect_instance`), fsync'd,
-  renamed into place and indexed before 0x0000 goes back. Memory does not grow with the
-  instance or series size (beyond one PDU).
+* pynetdicom negotiates each association (A-ASSOCIATE) and handles release, abort,
+  timers and any service other than C-STORE and C-ECHO. The data phase (P-DATA-TF with
+  C-STORE and C-ECHO) is read and answered by :mod:`dicom_node.fastpath`: each dataset
+  goes from the socket straight into a temporary file in ``instances/.incoming`` (same
+  file system as the final place), hashed on the way, checked
+  (:func:`dicom_node.ingest.inspect_received`), flushed (fdatasync), renamed into place,
+  its directory fsync'd and indexed before 0x0000 goes back. Memory does not grow with
+  PDU, instance or series size. An association that sends another request, or has
+  handlers bound to PDU/DIMSE events, is served by pynetdicom alone, whose chunked
+  receive (``STORE_RECV_CHUNKED_DATASET``) gives the same files, checks and statuses.
 * The handler never raises: each failure is a named :class:`~dicom_node.status.Status`
   with a reason in the log and the audit trail.
 * Called AE title, calling AE allow-list and peer-address allow-list are checked at
@@ -209,6 +214,15 @@ class _NodeDUL(DULServiceProvider):
         try:
             self._run_reactor_event_driven()
         finally:
+            fast = self._fast
+            if fast is not None:  # normally done by the connection-close handler already
+                try:
+                    partial = fast.close_partial()
+                    if partial is not None:
+                        fast.store.discard(partial)
+                        LOG.warning("association ended inside a dataset; partial file discarded")
+                except Exception:  # noqa: BLE001
+                    LOG.exception("cannot discard the partial file of an ended association")
             r, w = self._wake_r, self._wake_w
             self._wake_r = self._wake_w = None
             for s_ in (w, r):
@@ -420,7 +434,8 @@ class DicomNode:
         Where ``instances/`` and ``index.sqlite`` live (created if missing).
     on_received:
         Called with each new :class:`ReceivedInstance` after it is durable and indexed
-        (from the association's thread; exceptions are logged and ignored). Not called
+        (from a thread serving the association, before its response is sent; exceptions
+        are logged and ignored). Not called
         for identical re-sends or kept-first duplicates.
     clock:
         Seconds since the epoch for the index, stability and audit (tests inject a fake).

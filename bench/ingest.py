@@ -458,6 +458,42 @@ def store_path_floor(files: list[Path], work_root: Path) -> tuple[float, float, 
     return total, n / total, ms
 
 
+def disk_floor(files: list[Path], work_root: Path) -> tuple[float, dict[str, float]]:
+    """The durable-write floor of this disk, no network and no checks: per file, create a
+    temporary file, write its bytes, fdatasync, rename into a directory, fsync the
+    directory (what every acknowledged instance costs at least). Returns (seconds, ms per
+    instance by step)."""
+    workdir = Path(tempfile.mkdtemp(prefix="floor-disk-", dir=work_root))
+    spent = {"create": 0.0, "write": 0.0, "fdatasync": 0.0, "rename+dir fsync": 0.0}
+    try:
+        final_dir = workdir / "final"
+        final_dir.mkdir()
+        dfd = os.open(final_dir, os.O_RDONLY)
+        try:
+            for i, f in enumerate(files):
+                data = f.read_bytes()
+                t0 = time.perf_counter()
+                fd, name = tempfile.mkstemp(suffix=".partial", dir=workdir)
+                t1 = time.perf_counter()
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                t2 = time.perf_counter()
+                os.fdatasync(fd)
+                os.close(fd)
+                t3 = time.perf_counter()
+                os.replace(name, final_dir / f"{i}.dcm")
+                os.fsync(dfd)
+                t4 = time.perf_counter()
+                for k, v in zip(spent, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                    spent[k] += v
+        finally:
+            os.close(dfd)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return sum(spent.values()), {k: 1000 * v / len(files) for k, v in spent.items()}
+
+
 def timeline(series_dir: Path, work_root: Path, env: dict[str, str]) -> None:
     """Where one instance's time goes in our listener: an in-process DicomNode whose fast
     data phase (:mod:`dicom_node.fastpath`) stamps the arrival of each C-STORE command,
@@ -582,8 +618,12 @@ def main() -> int:
         if args.timeline:
             timeline(series_dir, args.work_dir, env)
         if "dentfuse" in names:
+            secs, ms = disk_floor(files, args.work_dir)
+            print(f"  disk floor (create, write, fdatasync, rename, dir fsync; no network, no checks): "
+                  f"{len(files) / secs:.0f} inst/s = {total / 1e6 / secs:.0f} MB/s; per instance "
+                  + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()), flush=True)
             secs, ips, ms = store_path_floor(files, args.work_dir)
-            print(f"  our durable store path alone (no network): {ips:.0f} inst/s = {total / 1e6 / secs:.0f} MB/s; "
+            print(f"  import path (copy in, inspect_instance, fsync, rename, index; no network): {ips:.0f} inst/s = {total / 1e6 / secs:.0f} MB/s; "
                   "per instance " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()), flush=True)
         for i in range(args.repeat):
             for rcv in receivers:

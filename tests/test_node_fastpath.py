@@ -553,3 +553,28 @@ def test_tls_associations_use_the_fast_path_without_stalls(tmp_path):
         assert elapsed < 1.5, f"{len(chunks)} PDUs took {elapsed:.2f} s"  # 20 ms each would be > 3.5 s
     finally:
         n.close()
+
+
+def test_reader_serves_two_stores_in_one_pdu_split_anywhere(tmp_path):
+    """The end of one message and a whole second one in the same PDU, read 3 bytes at a time."""
+    (ds1, body1), (ds2, body2) = ct_instance(5, rows=8, cols=8), ct_instance(6, rows=8, cols=8)
+    raw = p_data(pdv(1, 0x03, store_command(str(ds1.SOPInstanceUID), 1)), pdv(1, 0x00, body1[:50]))
+    raw += p_data(pdv(1, 0x02, body1[50:]), pdv(1, 0x03, store_command(str(ds2.SOPInstanceUID), 2)),
+                  pdv(1, 0x02, body2))
+    sock = _TrickleSocket(raw, 3)
+    dul = _fake_dul(sock, tmp_path)
+    seen = []
+
+    def on_store(inc):  # type: ignore[no-untyped-def]
+        inc.close()
+        data = inc.path.read_bytes()
+        seen.append((inc.sop_instance_uid, data[dataset_offset_of(data):]))
+        return 0
+
+    fast = FastDataPhase(dul, storage.InstanceStore(tmp_path / "data"), on_store=on_store,
+                         on_echo=lambda: 0, handlers_ok=lambda a: True)
+    while sock.pos < len(raw):
+        fast.pump()
+    assert dul.event_queue.empty()
+    assert seen == [(str(ds1.SOPInstanceUID), body1), (str(ds2.SOPInstanceUID), body2)]
+    assert [(r.MessageIDBeingRespondedTo, r.Status) for r in _responses(bytes(sock.sent))] == [(1, 0), (2, 0)]

@@ -6,19 +6,27 @@ Method (see DESIGN.md, "What was measured"):
    Every smoothed, coarser image is BinShrink-ed first and smoothed on the small image for
    the remaining variance (smoothing the shrunk images at full size cost ~1.4 s of ~8 s).
 2. Initialisation by a global search: the moving volume is centred on the fixed one by the
-   centres of mass of their thresholded bodies, of their brightest voxels, and by their
-   geometric centres, each combined with a set of rotation starts; every start runs a short
-   Mattes-MI rigid registration at ``search_spacing_mm``; the best distinct few are re-run
-   at ``coarse_spacing_mm``. These runs on tiny images use one thread each
+   centres of their thresholded bodies, of their brightest voxels (same modality only) and
+   of their grids (centres measured on the ``coarse_spacing_mm`` images), each combined with
+   a set of rotation starts. Every start runs ``search_first_iterations`` of Mattes-MI rigid
+   registration at ``search_spacing_mm``; the best ``search_keep`` distinct ones go on for
+   the rest of ``search_iterations``; the best distinct few are re-run at
+   ``coarse_spacing_mm``. These runs on tiny images use one thread each
    (``small_image_threads``): on a loaded 2-core machine the thread hand-offs cost more
    wall time than they saved.
 3. Refinement from the best start: Mattes mutual information with a fixed number of
    samples (seeded), regular-step gradient descent, a 2-level pyramid on the shrunk images;
-   the levels after the first start with the smaller step ``fine_learning_rate``.
+   the levels after the first start with the smaller step ``fine_learning_rate`` and stop
+   at ``coarse_min_step`` except the finest (``min_step``). For two volumes of the same
+   modality the finest level samples only the fixed image's edges (``edge_fraction`` of
+   its voxels, largest gradient magnitude; ``edge_samples`` samples): the flat regions
+   only add noise to the MI estimate. CT-MR samples the whole body there
+   (``cross_modality_final_samples``): the CT's edges have no MR counterpart everywhere.
 4. Evidence for the gate: final metric, optimizer stop condition, overlap fraction of the
-   bodies, and a consistency figure: the refinement is repeated from ``consistency_starts``
-   perturbed starts and the transforms are compared by the largest displacement of the
-   corners of the overlap region (mm).
+   bodies, and a consistency figure: the finest level is repeated from ``consistency_starts``
+   perturbed starts (other seeds) and the transforms are compared by the largest
+   displacement of the corners of the overlap region (mm). When they agree
+   (``average_max_mm``) the result is their average.
 
 SimpleITK's registration transform maps *fixed* points to *moving* points; everything
 this module returns is the inverse, ``moving -> fixed`` (DESIGN.md convention).
@@ -61,7 +69,7 @@ class VolumeRegistrationParameters:
     pyramid_shrink: tuple[int, ...] = (2, 1)  # refinement levels on the shrunk images
     pyramid_sigma_mm: tuple[float, ...] = (1.0, 0.0)
     histogram_bins: int = 32
-    metric_samples: int = 20000  # fixed number of Mattes MI samples per evaluation (coarser levels)
+    metric_samples: int = 10000  # fixed number of Mattes MI samples per evaluation (coarser levels)
     final_samples: int = 30000  # samples at the finest level
     average_consistent_runs: bool = True  # average the main and restart solutions when they agree
     average_max_mm: float = 0.5  # ... within this corner displacement
@@ -89,7 +97,7 @@ class VolumeRegistrationParameters:
     consistency_first_level: int = 1  # restarts run from this pyramid level on (the finest = len-1)
     threads: int = 0  # 0 = SimpleITK default
     small_image_threads: int = 1  # the global search runs on tiny images: thread hand-offs cost more than they save
-    overlap_grid_step: int = 3  # overlap evidence on every n-th voxel of the shrunk images
+    overlap_grid_step: int = 4  # overlap evidence on every n-th voxel of the shrunk images (2 mm at 0.5 mm)
 
 
 @dataclass(frozen=True)
@@ -437,10 +445,12 @@ def register_volumes(
     translations = []
     if f_com is not None and m_com is not None:
         translations.append(("centre of mass", m_com - f_com))
-    f_bright = _centroid(f_coarse, fc_arr >= np.quantile(fc_arr, 1.0 - params.bright_fraction))
-    m_bright = _centroid(m_coarse, mc_arr >= np.quantile(mc_arr, 1.0 - params.bright_fraction))
-    if f_bright is not None and m_bright is not None:
-        translations.append(("bright centre", m_bright - f_bright))
+    cross_modality = bool(fixed.modality and moving.modality and fixed.modality != moving.modality)
+    if not cross_modality:  # bone and enamel are the brightest in CT; in MR they are dark
+        f_bright = _centroid(f_coarse, fc_arr >= np.quantile(fc_arr, 1.0 - params.bright_fraction))
+        m_bright = _centroid(m_coarse, mc_arr >= np.quantile(mc_arr, 1.0 - params.bright_fraction))
+        if f_bright is not None and m_bright is not None:
+            translations.append(("bright centre", m_bright - f_bright))
     translations.append(("geometric centre", _image_centre(m_img) - _image_centre(f_img)))
     f_search = _smooth_shrink(f_img, params.search_spacing_mm / 2, params.search_spacing_mm)
     m_search = _smooth_shrink(m_img, params.search_spacing_mm / 2, params.search_spacing_mm)
@@ -532,7 +542,6 @@ def register_volumes(
     # of 20000 samples over the whole body, at a fraction of the cost
     edge_mask: sitk.Image | None = None
     edge_voxels = 0
-    cross_modality = bool(fixed.modality and moving.modality and fixed.modality != moving.modality)
     if params.edge_fraction > 0 and params.edge_samples > 0 and (params.edge_cross_modality or not cross_modality):
         edge_mask = _edge_mask(levels, params.pyramid_shrink, params.edge_fraction)
         edge_voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(edge_mask)))

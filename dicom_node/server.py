@@ -49,10 +49,10 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
+from dicom_node import storage
 from dicom_node.audit import AssociationTally, AuditTrail
 from dicom_node.errors import InstanceRejected, NodeConfigurationError
 from dicom_node.index import InstanceIndex
-from dicom_node import storage
 from dicom_node.fastpath import FastDataPhase, IncomingInstance
 from dicom_node.ingest import AcceptResult, accept_instance, inspect_received, reconcile_store
 from dicom_node.records import ReceivedInstance
@@ -435,8 +435,8 @@ class DicomNode:
     on_received:
         Called with each new :class:`ReceivedInstance` after it is durable and indexed
         (from a thread serving the association, before its response is sent; exceptions
-        are logged and ignored). Not called
-        for identical re-sends or kept-first duplicates.
+        are logged and ignored). Not called for identical re-sends or kept-first
+        duplicates.
     clock:
         Seconds since the epoch for the index, stability and audit (tests inject a fake).
     ssl_context:

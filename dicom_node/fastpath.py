@@ -473,7 +473,6 @@ class FastDataPhase:
                 sha.update(chunk)
                 if len(inc.head) < HEAD_BYTES:
                     inc.head += chunk[:HEAD_BYTES - len(inc.head)]
-                # the fdatasync right after the last bytes starts their writeback anyway
                 self._write(inc, chunk, writeback=not last or n >= _WRITEBACK_STEP)
                 chunk.release()
                 timer.restart()  # a slow but steady sender is not idle
@@ -500,6 +499,9 @@ class FastDataPhase:
     def _complete(self, inc: IncomingInstance) -> None:
         if TRACE is not None:
             TRACE("dataset_complete")
+        if inc.fd >= 0 and inc.size > inc._writeback_from:  # the tail, while the checks run
+            start_writeback(inc.fd, inc._writeback_from, inc.size - inc._writeback_from)
+            inc._writeback_from = inc.size
         try:
             status = self.on_store(inc)
         finally:

@@ -512,6 +512,7 @@ def accept_instance(
     *,
     header: InstanceHeader | None = None,
     synced: bool = False,
+    before_commit: Callable[[], None] | None = None,
 ) -> AcceptResult:
     """Check a complete temporary file, store it durably and index it.
 
@@ -520,8 +521,11 @@ def accept_instance(
     is left for the caller to discard.
 
     ``header``: the file was already checked (:func:`inspect_received`); ``synced``: its
-    data were already flushed to disk (fdatasync) by the caller, so the commit does not
-    sync it again (it still renames atomically and fsyncs the directory).
+    data are flushed to disk by the caller, so the commit does not sync it again (it still
+    renames atomically and fsyncs the directory); ``before_commit`` is called right before
+    the file is moved into place, after the index was consulted (the caller flushes the
+    file there, so the disk writes while the index is read); an exception from it
+    refuses the instance.
 
     Raises
     ------
@@ -539,6 +543,8 @@ def accept_instance(
                 final = store.final_path(header.study_instance_uid, header.series_instance_uid,
                                          header.sop_instance_uid)
                 # A file without a row here was never acknowledged: safe to replace.
+                if before_commit is not None:
+                    before_commit()
                 store.commit(tmp_path, final, overwrite=True, synced=synced)
                 rec = _record(header, final, calling_ae_title, received_s)
                 try:
@@ -564,6 +570,8 @@ def accept_instance(
                                      header.sop_instance_uid, variant=header.sha256[:16])
             if str(final) == existing.path:  # cannot happen with different hashes
                 raise InstanceRejected(Status.PROCESSING_FAILURE, "replacement path collision")
+            if before_commit is not None:
+                before_commit()
             store.commit(tmp_path, final, overwrite=True, synced=synced)
             rec = _record(header, final, calling_ae_title, received_s)
             try:

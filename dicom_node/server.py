@@ -749,18 +749,24 @@ def _store_fast(inc: IncomingInstance, assoc: Any, node: DicomNode) -> int:
         if inc.write_error is not None:
             status = Status.OUT_OF_RESOURCES_DISK_FULL if is_disk_full(inc.write_error) else Status.OUT_OF_RESOURCES
             raise InstanceRejected(status, f"cannot write the received dataset: {inc.write_error}")
+        # The disk is already writing the dataset (the fast path started writeback as it
+        # arrived); the flush waits until the header is checked and the index consulted.
         header = inspect_received(inc.path, inc.transfer_syntax, inc.dataset_offset, inc.sha256,
                                   expected_sop_class_uid=inc.abstract_syntax,
                                   expected_sop_instance_uid=inc.sop_instance_uid,
                                   head=bytes(inc.head), size=inc.size)
-        try:
-            storage.sync_fd(inc.fd)
-            inc.close()
-        except OSError as exc:
-            status = Status.OUT_OF_RESOURCES_DISK_FULL if is_disk_full(exc) else Status.OUT_OF_RESOURCES
-            raise InstanceRejected(status, f"cannot flush the received dataset to disk: {exc}") from exc
+
+        def flush() -> None:
+            try:
+                storage.sync_fd(inc.fd)
+                inc.close()
+            except OSError as exc:
+                status = Status.OUT_OF_RESOURCES_DISK_FULL if is_disk_full(exc) else Status.OUT_OF_RESOURCES
+                raise InstanceRejected(status, f"cannot flush the received dataset to disk: {exc}") from exc
+
         return accept_instance(inc.path, node.store, node.index, _peer(assoc)[0],
-                               node.settings.duplicate_policy, header=header, synced=True)
+                               node.settings.duplicate_policy, header=header, synced=True,
+                               before_commit=flush)
 
     try:
         return _store_outcome(assoc, node, inc.sop_instance_uid[:80], accept)

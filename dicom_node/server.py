@@ -145,13 +145,16 @@ class _NodeDUL(DULServiceProvider):
     _wake_r: socket.socket | None = None
     _wake_w: socket.socket | None = None
     _fast: FastDataPhase | None = None
+    _sock_readable = False  # set by _idle_wait when the peer's socket has data; used once
 
     def _transport_event(self) -> bool:
         """pynetdicom's ``_is_transport_event``, except that once the association is
         established (Sta6) the data phase is read by :class:`FastDataPhase`."""
         fast = self._fast
+        readable, self._sock_readable = self._sock_readable, False
         if fast is not None and self.state_machine.current_state == "Sta6" and fast.usable():
-            if self.socket is not None and self.socket.ready:
+            # the idle wait's select just saw data (saves a second select per PDU)
+            if readable or (self.socket is not None and self.socket.ready):
                 return fast.pump()
             return False
         return self._is_transport_event()
@@ -188,6 +191,7 @@ class _NodeDUL(DULServiceProvider):
         if isinstance(sock, ssl.SSLSocket) and not socket_woke_last:
             try:
                 if sock.pending():  # decrypted bytes wait in the TLS layer, not the socket
+                    self._sock_readable = True
                     return True
             except (OSError, ValueError):
                 pass
@@ -207,6 +211,7 @@ class _NodeDUL(DULServiceProvider):
                     pass
             except OSError:
                 pass
+        self._sock_readable = sock in ready
         return sock in ready and wake_r not in ready
 
     def run_reactor(self) -> None:

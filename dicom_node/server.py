@@ -773,14 +773,17 @@ def _store_fast(inc: IncomingInstance, assoc: Any, node: DicomNode) -> int:
                                node.settings.duplicate_policy, header=header, synced=True,
                                before_commit=flush)
 
+    status = int(Status.PROCESSING_FAILURE)
     try:
-        return _store_outcome(assoc, node, inc.sop_instance_uid[:80], accept)
+        status = _store_outcome(assoc, node, inc.sop_instance_uid[:80], accept)
+        return status
     finally:
         try:
             inc.close()
         except OSError:
             pass
-        node.store.discard(inc.path)  # moved into place on success; otherwise it goes now
+        if status != Status.SUCCESS:  # on success it was moved into place (or, a duplicate, removed)
+            node.store.discard(inc.path)
 
 
 def _store_outcome(assoc: Any, node: DicomNode, sop_instance: str, accept: Callable[[], AcceptResult]) -> int:

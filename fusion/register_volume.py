@@ -82,7 +82,8 @@ class VolumeRegistrationParameters:
     edge_fraction: float = 0.10  # the finest level samples only this fraction of the fixed voxels: the largest gradient magnitude
     edge_samples: int = 3000  # Mattes MI samples among those edge voxels per evaluation (0: final_samples over the body)
     edge_cross_modality: bool = False  # edge sampling also when the modalities differ (CT-MR: the edges do not correspond)
-    cross_modality_final_samples: int = 20000  # CT-MR finest level: samples over the whole body
+    cross_modality_final_samples: int = 14000  # CT-MR finest level: samples over the whole body
+    finest_margin_mm: float = 3.0  # the finest level's fixed image is cropped to the moving field of view plus this
     max_iterations: int = 200
     coarse_iterations: int = 30
     relaxation: float = 0.6
@@ -97,6 +98,9 @@ class VolumeRegistrationParameters:
     consistency_first_level: int = 1  # restarts run from this pyramid level on (the finest = len-1)
     threads: int = 0  # 0 = SimpleITK default
     small_image_threads: int = 1  # the global search runs on tiny images: thread hand-offs cost more than they save
+    refine_threads: int = 1  # ITK threads of the refinement runs (0: default). With 2, Mattes MI's per-thread sums were added
+    # in varying order and the optimizer path changed with it (~1e-5 mm run to run); on the loaded 2-core machine one
+    # thread cost no wall time
     overlap_grid_step: int = 4  # overlap evidence on every n-th voxel of the shrunk images (2 mm at 0.5 mm)
 
 
@@ -200,6 +204,35 @@ def _centroid(img: sitk.Image, mask: np.ndarray) -> np.ndarray | None:
         return None
     idx = np.array([kji[2].mean(), kji[1].mean(), kji[0].mean()])
     return np.array(img.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in idx)))
+
+
+def _finest_fixed(fixed: sitk.Image, moving: sitk.Image, mask: sitk.Image, moving_to_fixed: np.ndarray,
+                  margin_mm: float, counted: bool) -> tuple[sitk.Image, sitk.Image, int | None]:
+    """``fixed`` and its sampling ``mask`` cropped to the box (fixed index space) around the
+    moving image's field of view placed by ``moving_to_fixed`` (4x4, moving LPS -> fixed LPS),
+    widened by ``margin_mm``; and the mask's voxel count in the crop when ``counted`` (then
+    the samples count kept samples, see :func:`_run`) else None. Samples outside the moving
+    field of view are dropped by ITK anyway; the set-up cost of a run grows with the fixed
+    image."""
+    size = np.array(moving.GetSize(), float)
+    corners = np.array([[x, y, z] for x in (-0.5, size[0] - 0.5) for y in (-0.5, size[1] - 0.5)
+                        for z in (-0.5, size[2] - 0.5)])
+    d_m = np.array(moving.GetDirection()).reshape(3, 3) * np.array(moving.GetSpacing())[None, :]
+    pts = corners @ d_m.T + np.array(moving.GetOrigin())
+    pts = pts @ moving_to_fixed[:3, :3].T + moving_to_fixed[:3, 3]
+    d_f = np.array(fixed.GetDirection()).reshape(3, 3) * np.array(fixed.GetSpacing())[None, :]
+    idx = np.linalg.solve(d_f, (pts - np.array(fixed.GetOrigin())).T).T
+    pad = margin_mm / np.array(fixed.GetSpacing())
+    fsize = np.array(fixed.GetSize())
+    lo = np.clip(np.floor(idx.min(axis=0) - pad), 0, fsize - 1).astype(int)
+    hi = np.clip(np.ceil(idx.max(axis=0) + pad), 0, fsize - 1).astype(int)
+    if np.any(hi - lo < 8):  # (nearly) no overlap: keep the whole image, the gate will judge
+        lo, hi = np.zeros(3, int), fsize - 1
+    sub = [int(v) for v in hi - lo + 1]
+    f_crop = sitk.RegionOfInterest(fixed, sub, [int(v) for v in lo])
+    m_crop = sitk.RegionOfInterest(mask, sub, [int(v) for v in lo])
+    count = int(np.count_nonzero(sitk.GetArrayViewFromImage(m_crop))) if counted else None
+    return f_crop, m_crop, count
 
 
 def _edge_mask(levels: list[tuple[sitk.Image, sitk.Image, sitk.Image]], shrinks: tuple[int, ...],
@@ -364,13 +397,21 @@ def _run(fixed: sitk.Image, moving: sitk.Image, init: sitk.Euler3DTransform, *, 
     t = sitk.Euler3DTransform(init)
     r.SetInitialTransform(t, inPlace=True)
     t_start = time.perf_counter()
+    # the metric takes its thread count from the global default when Execute builds it
+    # (SetNumberOfThreads alone left it multi-threaded: results varied in the last digits)
+    default_threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     try:
+        if threads:
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
         r.Execute(fixed, moving)
     except RuntimeError as exc:
         msg = str(exc).splitlines()[-1] if str(exc) else repr(exc)
         if "samples" in msg.lower() or "too many samples" in msg.lower() or "outside" in msg.lower():
             return t, 0.0, f"failed: {msg}", 0
         raise RegistrationError(f"SimpleITK registration failed: {msg}") from exc
+    finally:
+        if threads:
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(default_threads)
     log.debug("run on %s voxels, %d samples: %d iterations, metric %.4f, %.3f s (%s)", fixed.GetSize(), samples,
               r.GetOptimizerIteration(), r.GetMetricValue(), time.perf_counter() - t_start,
               r.GetOptimizerStopConditionDescription()[:60])
@@ -550,6 +591,11 @@ def register_volumes(
 
     timings["pyramid"] = time.perf_counter() - t_pyr
 
+    # the finest level's fixed image and sampling mask, cropped to the moving field of view
+    # once the first level has placed it (set below; the per-run set-up cost of ITK's
+    # registration grows with the fixed image)
+    finest_fixed: list[tuple[sitk.Image, sitk.Image, int | None]] = []
+
     def refine(start_f2m: np.ndarray, run_seed: int, first: int = 0, stop_before: int | None = None
                ) -> tuple[float, np.ndarray, str, int]:
         t = _euler_from_matrix(start_f2m, centre)
@@ -560,13 +606,20 @@ def register_volumes(
             finest = n == len(levels) - 1
             samples = params.final_samples if finest else params.metric_samples
             mask_voxels = None
-            if finest and edge_mask is not None:
-                mk, samples, mask_voxels = edge_mask, params.edge_samples, edge_voxels
-            elif finest and cross_modality:
-                samples = params.cross_modality_final_samples
+            if finest:
+                if not finest_fixed:
+                    finest_fixed.append(_finest_fixed(fl, ml, mk if edge_mask is None else edge_mask,
+                                                      np.linalg.inv(_matrix_of(t)), params.finest_margin_mm,
+                                                      counted=edge_mask is not None or cross_modality))
+                fl, mk, mask_voxels = finest_fixed[0]
+                if edge_mask is not None:
+                    samples = params.edge_samples
+                elif cross_modality:
+                    samples = params.cross_modality_final_samples
             t, metric, stop, its = _run(fl, ml, t, params=params, samples=samples, seed=run_seed,
                                         iterations=params.max_iterations, shrink=(1,), sigmas_mm=(0.0,),
                                         fixed_mask=mk, mask_voxels=mask_voxels,
+                                        threads=params.refine_threads,
                                         min_step=params.min_step if finest else params.coarse_min_step,
                                         learning_rate=(params.learning_rate if n == 0 else
                                                        params.final_learning_rate if finest else params.fine_learning_rate))

@@ -170,7 +170,7 @@ def inspect_received(
     expected_sop_class_uid: str | None = None,
     expected_sop_instance_uid: str | None = None,
     *,
-    head: bytes | None = None,
+    head: bytes | bytearray | None = None,
     size: int | None = None,
 ) -> InstanceHeader:
     """:func:`inspect_instance` for a file the listener has just written itself: the File
@@ -204,7 +204,8 @@ def inspect_received(
                            expected_sop_class_uid, expected_sop_instance_uid)
 
 
-def _scan_received_head(path: Path, head: bytes, offset: int, size: int, implicit: bool) -> dict[str, str] | None:
+def _scan_received_head(path: Path, head: bytes | bytearray, offset: int, size: int,
+                        implicit: bool) -> dict[str, str] | None:
     """:func:`_scan_simple` over the in-memory head of a received dataset; the file is
     opened only for element headers beyond it. None: the full walk must decide."""
     fh: BinaryIO | None = None
@@ -338,7 +339,7 @@ def _scan_simple(fh: BinaryIO, size: int, implicit: bool) -> dict[str, str] | No
     return _scan_simple_buffer(fh.read(_HEAD_BYTES), start, size, implicit, read_at)
 
 
-def _scan_simple_buffer(head: bytes, start: int, size: int, implicit: bool,
+def _scan_simple_buffer(head: bytes | bytearray, start: int, size: int, implicit: bool,
                         read_at: Callable[[int, int], bytes]) -> dict[str, str] | None:
     """:func:`_scan_simple` with the first bytes of the dataset (from file offset
     ``start``) in ``head`` and ``read_at(pos, n)`` for anything beyond them."""

@@ -759,7 +759,7 @@ def _store_fast(inc: IncomingInstance, assoc: Any, node: DicomNode) -> int:
         header = inspect_received(inc.path, inc.transfer_syntax, inc.dataset_offset, inc.sha256,
                                   expected_sop_class_uid=inc.abstract_syntax,
                                   expected_sop_instance_uid=inc.sop_instance_uid,
-                                  head=bytes(inc.head), size=inc.size)
+                                  head=inc.head, size=inc.size)
 
         def flush() -> None:
             try:

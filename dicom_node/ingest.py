@@ -408,6 +408,12 @@ def _scan_plain(fh: BinaryIO, size: int, implicit: bool) -> dict[str, str]:
     if simple is not None:
         return simple
     fh.seek(start)
+    return _scan_plain_pydicom(fh, size, implicit)
+
+
+def _scan_plain_pydicom(fh: BinaryIO, size: int, implicit: bool) -> dict[str, str]:
+    """The walk by pydicom's element generator: the reference for every case."""
+    start = fh.tell()
     attrs: dict[str, str] = {}
     ds = Dataset()
     end = start

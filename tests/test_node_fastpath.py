@@ -578,3 +578,85 @@ def test_reader_serves_two_stores_in_one_pdu_split_anywhere(tmp_path):
     assert dul.event_queue.empty()
     assert seen == [(str(ds1.SOPInstanceUID), body1), (str(ds2.SOPInstanceUID), body2)]
     assert [(r.MessageIDBeingRespondedTo, r.Status) for r in _responses(bytes(sock.sent))] == [(1, 0), (2, 0)]
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+@pytest.mark.parametrize("variant", ["plain", "sequence", "undefined_length_sequence", "latin1_patient_id",
+                                     "trailing_elements", "truncated", "stray_bytes", "out_of_order"])
+def test_header_walk_without_pydicom_agrees_with_pydicoms(tmp_path, implicit, variant):
+    """The quick header walk (dicom_node.ingest._scan_simple) either returns what
+    pydicom's walk returns, or None and leaves the decision (and the status) to it."""
+    from pydicom.dataset import Dataset as Ds
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+    from pydicom.sequence import Sequence
+
+    from dicom_node import ingest
+    from dicom_node.errors import InstanceRejected
+
+    ds, _ = ct_instance(60, rows=8, cols=8)
+    ds.file_meta = None
+    if variant == "sequence" or variant == "undefined_length_sequence":
+        item = Ds()
+        item.CodeValue = "T-11170"
+        ds.AnatomicRegionSequence = Sequence([item])
+    if variant == "latin1_patient_id":
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.PatientID = "DF-J\xf6rg"
+    if variant == "trailing_elements":
+        ds.add_new(0x7FE10010, "OB", b"\x01\x02")
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, implicit
+    write_dataset(buf, ds)
+    body = buf.getvalue()
+    if variant == "undefined_length_sequence":  # the sequence and its item with undefined lengths
+        body = _with_undefined_length_sequence(ds, implicit)
+    if variant == "truncated":
+        body = body[:-7]
+    if variant == "stray_bytes":
+        body += b"\x01\x02\x03"
+    if variant == "out_of_order":
+        first_len = 8 + struct.unpack("<I" if implicit else "<H", body[4:8] if implicit else body[6:8])[0]
+        second_start = first_len
+        hdr = body[second_start:second_start + 8]
+        second_len = 8 + struct.unpack("<I" if implicit else "<H", hdr[4:8] if implicit else hdr[6:8])[0]
+        body = body[second_start:second_start + second_len] + body[:first_len] + body[second_start + second_len:]
+    path = tmp_path / "ds.bin"
+    path.write_bytes(body)
+
+    def pydicom_walk():  # type: ignore[no-untyped-def]
+        with open(path, "rb") as fh:
+            return ingest._scan_plain_pydicom(fh, len(body), implicit)
+
+    with open(path, "rb") as fh:
+        quick = ingest._scan_simple(fh, len(body), implicit)
+    try:
+        expected = pydicom_walk()
+    except InstanceRejected as exc:
+        assert quick is None, f"quick walk accepted what pydicom refuses ({exc})"
+        with open(path, "rb") as fh:  # and the combined walk refuses it the same way
+            with pytest.raises(InstanceRejected) as combined:
+                ingest._scan_plain(fh, len(body), implicit)
+        assert combined.value.status == exc.status
+        return
+    if quick is not None:
+        assert quick == expected
+    with open(path, "rb") as fh:
+        assert ingest._scan_plain(fh, len(body), implicit) == expected
+    if variant in ("plain", "sequence", "trailing_elements"):
+        assert quick is not None  # the common case takes the quick walk
+    if variant in ("undefined_length_sequence", "latin1_patient_id"):
+        assert quick is None
+
+
+def _with_undefined_length_sequence(ds, implicit: bool) -> bytes:  # type: ignore[no-untyped-def]
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    ds["AnatomicRegionSequence"].is_undefined_length = True
+    for item in ds.AnatomicRegionSequence:
+        item.is_undefined_length_sequence_item = True
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, implicit
+    write_dataset(buf, ds)
+    return buf.getvalue()

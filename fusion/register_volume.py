@@ -13,7 +13,10 @@ Method (see DESIGN.md, "What was measured"):
    the rest of ``search_iterations``; the best distinct few are re-run at
    ``coarse_spacing_mm``. These runs on tiny images use one thread each
    (``small_image_threads``): on a loaded 2-core machine the thread hand-offs cost more
-   wall time than they saved.
+   wall time than they saved. Independent runs (the starts of a phase, the candidates,
+   the consistency restarts) run ``parallel_runs`` at a time on Python threads instead
+   (SimpleITK releases the GIL in Execute); every run stays single-threaded and seeded, so
+   the result does not depend on the order they finish in.
 3. Refinement from the best start: Mattes mutual information with a fixed number of
    samples (seeded), regular-step gradient descent, a 2-level pyramid on the shrunk images;
    the levels after the first start with the smaller step ``fine_learning_rate`` and stop
@@ -37,6 +40,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -101,6 +105,10 @@ class VolumeRegistrationParameters:
     refine_threads: int = 1  # ITK threads of the refinement runs (0: default). With 2, Mattes MI's per-thread sums were added
     # in varying order and the optimizer path changed with it (~1e-5 mm run to run); on the loaded 2-core machine one
     # thread cost no wall time
+    parallel_runs: int = 2  # independent registration runs (search starts, candidates, restarts) at once, each on its
+    # own Python thread (SimpleITK releases the GIL in Execute) with its own ITK thread count (the runs' own
+    # ``small_image_threads`` / ``refine_threads``; with 0 they run one after the other). Every run is seeded and
+    # single-threaded, so the results do not depend on the order the runs finish in
     overlap_grid_step: int = 4  # overlap evidence on every n-th voxel of the shrunk images (2 mm at 0.5 mm)
 
 
@@ -400,8 +408,11 @@ def _run(fixed: sitk.Image, moving: sitk.Image, init: sitk.Euler3DTransform, *, 
     # the metric takes its thread count from the global default when Execute builds it
     # (SetNumberOfThreads alone left it multi-threaded: results varied in the last digits)
     default_threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    # (register_volumes sets it once around its parallel sections: runs on two Python
+    # threads must not set and restore it under each other)
+    set_threads = bool(threads) and threads != default_threads
     try:
-        if threads:
+        if set_threads:
             sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
         r.Execute(fixed, moving)
     except RuntimeError as exc:
@@ -410,7 +421,7 @@ def _run(fixed: sitk.Image, moving: sitk.Image, init: sitk.Euler3DTransform, *, 
             return t, 0.0, f"failed: {msg}", 0
         raise RegistrationError(f"SimpleITK registration failed: {msg}") from exc
     finally:
-        if threads:
+        if set_threads:
             sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(default_threads)
     log.debug("run on %s voxels, %d samples: %d iterations, metric %.4f, %.3f s (%s)", fixed.GetSize(), samples,
               r.GetOptimizerIteration(), r.GetMetricValue(), time.perf_counter() - t_start,
@@ -456,6 +467,22 @@ def register_volumes(
     if params.threads:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(params.threads)
 
+    def pmap(fn: Callable, items: list, threads: int) -> list:
+        """``[fn(x) for x in items]``, on ``params.parallel_runs`` Python threads when the
+        runs are single-threaded ITK runs (``threads`` 1). ITK's global default thread count is
+        set once around them: ``_run`` then leaves it alone (it must not set and restore it
+        under a concurrent run)."""
+        items = list(items)
+        if params.parallel_runs < 2 or threads != 1 or len(items) < 2:
+            return [fn(x) for x in items]
+        before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+        try:
+            with ThreadPoolExecutor(min(params.parallel_runs, len(items))) as pool:
+                return list(pool.map(fn, items))
+        finally:
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+
     say("preparing images", 0.0)
     # shrink in the stored type (BinShrink averages; integer types round to the nearest
     # integer, far below the noise), then float32 on the small images only
@@ -500,7 +527,7 @@ def register_volumes(
     wide: list[tuple[float, np.ndarray, str]] = []
     n_starts = len(translations) * len(params.rotation_starts_deg)
     first_its = min(params.search_first_iterations or params.search_iterations, params.search_iterations)
-    done = 0
+    starts: list[tuple[sitk.Euler3DTransform, str]] = []
     for tname, trans in translations:
         for rot in params.rotation_starts_deg:
             # fixed->moving start: rotate about the fixed centre, then shift centres
@@ -508,15 +535,18 @@ def register_volumes(
             R = _rot(rot)
             m[:3, :3] = R
             m[:3, 3] = centre + trans - R @ centre
-            init = _euler_from_matrix(m, centre)
-            t, metric, stop, _ = _run(f_search, m_search, init, params=params, samples=params.search_samples,
-                                      seed=seed, iterations=first_its, shrink=(1,), sigmas_mm=(0.0,),
-                                      fixed_mask=fs_mask, learning_rate=params.learning_rate * 4,
-                                      threads=params.small_image_threads)
-            if not stop.startswith("failed"):
-                wide.append((metric, _matrix_of(t), f"{tname} {rot}"))
-            done += 1
-            say("global search", 0.3 * done / n_starts)
+            starts.append((_euler_from_matrix(m, centre), f"{tname} {rot}"))
+
+    def phase1(start: tuple[sitk.Euler3DTransform, str]) -> tuple[sitk.Euler3DTransform, float, str, int]:
+        return _run(f_search, m_search, start[0], params=params, samples=params.search_samples,
+                    seed=seed, iterations=first_its, shrink=(1,), sigmas_mm=(0.0,),
+                    fixed_mask=fs_mask, learning_rate=params.learning_rate * 4,
+                    threads=params.small_image_threads)
+
+    for (t, metric, stop, _), (_, label) in zip(pmap(phase1, starts, params.small_image_threads), starts):
+        if not stop.startswith("failed"):
+            wide.append((metric, _matrix_of(t), label))
+    say("global search", 0.3)
     wide.sort(key=lambda c: c[0])
     if first_its < params.search_iterations:
         # phase 2: most starts have shown after a few iterations that they lead nowhere;
@@ -529,30 +559,39 @@ def register_volumes(
             if len(going_on) >= params.search_keep:
                 break
         wide = []
-        for metric0, mat, label in going_on:
-            t, metric, stop, _ = _run(f_search, m_search, _euler_from_matrix(mat, centre), params=params,
-                                      samples=params.search_samples, seed=seed,
-                                      iterations=params.search_iterations - first_its, shrink=(1,), sigmas_mm=(0.0,),
-                                      fixed_mask=fs_mask, learning_rate=params.learning_rate * 2,
-                                      threads=params.small_image_threads)
+
+        def phase2(cand: tuple[float, np.ndarray, str]) -> tuple[sitk.Euler3DTransform, float, str, int]:
+            return _run(f_search, m_search, _euler_from_matrix(cand[1], centre), params=params,
+                        samples=params.search_samples, seed=seed,
+                        iterations=params.search_iterations - first_its, shrink=(1,), sigmas_mm=(0.0,),
+                        fixed_mask=fs_mask, learning_rate=params.learning_rate * 2,
+                        threads=params.small_image_threads)
+
+        for (t, metric, stop, _), (_, _, label) in zip(pmap(phase2, going_on, params.small_image_threads), going_on):
             if not stop.startswith("failed"):
                 wide.append((metric, _matrix_of(t), label))
         wide.sort(key=lambda c: c[0])
         say("global search", 0.4)
     candidates: list[tuple[float, np.ndarray, str]] = []
     kept: list[np.ndarray] = []
+    coarse_starts: list[tuple[np.ndarray, str]] = []
     for metric0, mat, label in wide:
         if any(_close(mat, o) for o in kept):
             continue
         kept.append(mat)
-        t, metric, stop, _ = _run(f_coarse, m_coarse, _euler_from_matrix(mat, centre), params=params,
-                                  samples=params.coarse_samples, seed=seed, iterations=params.coarse_iterations,
-                                  shrink=(1,), sigmas_mm=(0.0,), fixed_mask=fc_mask,
-                                  learning_rate=params.learning_rate * 2, threads=params.small_image_threads)
-        if not stop.startswith("failed"):
-            candidates.append((metric, _matrix_of(t), label))
+        coarse_starts.append((mat, label))
         if len(kept) >= params.coarse_candidates:
             break
+
+    def coarse_run(cand: tuple[np.ndarray, str]) -> tuple[sitk.Euler3DTransform, float, str, int]:
+        return _run(f_coarse, m_coarse, _euler_from_matrix(cand[0], centre), params=params,
+                    samples=params.coarse_samples, seed=seed, iterations=params.coarse_iterations,
+                    shrink=(1,), sigmas_mm=(0.0,), fixed_mask=fc_mask,
+                    learning_rate=params.learning_rate * 2, threads=params.small_image_threads)
+
+    for (t, metric, stop, _), (_, label) in zip(pmap(coarse_run, coarse_starts, params.small_image_threads), coarse_starts):
+        if not stop.startswith("failed"):
+            candidates.append((metric, _matrix_of(t), label))
     say("global search", 0.5)
     if not candidates:
         raise RegistrationError(
@@ -631,15 +670,17 @@ def register_volumes(
     t2 = time.perf_counter()
     refined: list[tuple[float, np.ndarray, str, int, str]] = []
     tried: list[np.ndarray] = []
+    tried_labels: list[str] = []
     for metric0, mat, label in candidates:
         if any(_close(mat, o) for o in tried):
             continue
         tried.append(mat)
-        # the distinct candidates compete at the first pyramid level; the winner goes on
-        metric, f2m, stop, its = refine(mat, seed, 0, 1)
-        refined.append((metric, f2m, stop, its, label))
+        tried_labels.append(label)
         if len(tried) >= params.refine_candidates:
             break
+    # the distinct candidates compete at the first pyramid level; the winner goes on
+    for (metric, f2m, stop, its), label in zip(pmap(lambda mat: refine(mat, seed, 0, 1), tried, params.refine_threads), tried_labels):
+        refined.append((metric, f2m, stop, its, label))
     refined.sort(key=lambda c: c[0])
     best_metric, best_f2m, best_stop, best_its, best_label = refined[0]
     if len(levels) > 1:
@@ -664,7 +705,8 @@ def register_volumes(
     else:
         if len(refined) > 1:
             alternative_mm = max_corner_displacement_mm(moving_to_fixed, np.linalg.inv(refined[1][1]), box)
-        for _ in range(params.consistency_starts):  # noqa: B007 (index seeds the run)
+        restart_starts: list[tuple[np.ndarray, int]] = []
+        for k in range(params.consistency_starts):
             axis = rng.normal(size=3)
             axis /= np.linalg.norm(axis)
             ang = math.radians(params.consistency_perturbation_deg)
@@ -676,8 +718,9 @@ def register_volumes(
             pert = np.eye(4)
             pert[:3, :3] = R
             pert[:3, 3] = box_c - R @ box_c + shift  # rotate about the overlap centre, then shift
-            start = best_f2m @ pert
-            _, f2m, _, _ = refine(start, seed + 1 + _, params.consistency_first_level)
+            restart_starts.append((best_f2m @ pert, seed + 1 + k))
+        for _, f2m, _, _ in pmap(lambda st: refine(st[0], st[1], params.consistency_first_level), restart_starts,
+                                 params.refine_threads):
             other = np.linalg.inv(f2m)
             restarts.append(other)
             consistency = max(consistency, max_corner_displacement_mm(moving_to_fixed, other, box))

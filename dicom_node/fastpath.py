@@ -38,6 +38,7 @@ import logging
 import os
 import re
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -57,6 +58,7 @@ MAX_COMMAND_BYTES = 1 << 16  # a command set is a few hundred bytes
 _CHUNK = 1 << 20  # socket read buffer
 _WRITEBACK_STEP = 1 << 18  # start disk writeback after every 256 KiB written
 HEAD_BYTES = 1 << 16  # dataset bytes kept in memory for the header checks
+ESTABLISH_WAIT_S = 2.0  # longest wait for pynetdicom to mark an accepted association established
 
 # Diagnosis hook (bench/ingest.py --timeline): called with a phase name; None in service.
 TRACE: Callable[[str], None] | None = None
@@ -233,6 +235,7 @@ class FastDataPhase:
         self.on_echo = on_echo
         self.handlers_ok = handlers_ok
         self.enabled: bool | None = None  # None: not decided yet
+        self._unestablished_since: float | None = None
         self.incoming: IncomingInstance | None = None
         self._command = bytearray()
         self._buf: bytearray | None = None
@@ -260,11 +263,27 @@ class FastDataPhase:
             pass
         return inc.path
 
-    def usable(self) -> bool:
-        """Whether this association's data phase runs here (decided once established)."""
+    def usable(self) -> bool | None:
+        """Whether this association's data phase runs here (decided once established).
+
+        None: not decided yet. The A-ASSOCIATE-AC is out (Sta6) but pynetdicom's
+        association thread has not marked the association established; a sender may already
+        have sent its first P-DATA. Reading it with pynetdicom would leave a half-assembled
+        message there and the whole association on the slow path, so the caller waits
+        (briefly; after ``ESTABLISH_WAIT_S`` the association goes to pynetdicom's path).
+        """
         if self.enabled is None:
             assoc = self.assoc
             if not assoc.is_established:
+                now = time.monotonic()
+                if self._unestablished_since is None:
+                    self._unestablished_since = now
+                if now - self._unestablished_since < ESTABLISH_WAIT_S:
+                    return None
+                self.enabled = False
+                LOG.warning("association with %s was not marked established %.1f s after its acceptance; "
+                            "it stays on pynetdicom's receive path",
+                            getattr(assoc.requestor, "ae_title", "?"), ESTABLISH_WAIT_S)
                 return False
             dimse = getattr(assoc, "dimse", None)
             self.enabled = bool(getattr(dimse, "message", None) is None and self.handlers_ok(assoc))

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pynetdicom import AE, _config, evt
+from pynetdicom import __version__ as _pynetdicom_version
 from pynetdicom import dimse_messages as _dimse_messages
 from pynetdicom.acse import ACSE
 from pynetdicom.dul import DULServiceProvider
@@ -152,11 +153,16 @@ class _NodeDUL(DULServiceProvider):
         established (Sta6) the data phase is read by :class:`FastDataPhase`."""
         fast = self._fast
         readable, self._sock_readable = self._sock_readable, False
-        if fast is not None and self.state_machine.current_state == "Sta6" and fast.usable():
-            # the idle wait's select just saw data (saves a second select per PDU)
-            if readable or (self.socket is not None and self.socket.ready):
-                return fast.pump()
-            return False
+        if fast is not None and self.state_machine.current_state == "Sta6":
+            use = fast.usable()
+            if use is None:  # accepted, not yet marked established: leave the PDU in the socket
+                time.sleep(0.0002)
+                return False
+            if use:
+                # the idle wait's select just saw data (saves a second select per PDU)
+                if readable or (self.socket is not None and self.socket.ready):
+                    return fast.pump()
+                return False
         return self._is_transport_event()
 
     def _prepare_wake(self) -> None:
@@ -321,9 +327,22 @@ def _waiting_get_msg(dimse: Any) -> Callable[..., Any]:
     return get_msg
 
 
+# Our reactor, socket and fast data phase replace private parts of pynetdicom, written and
+# tested against pynetdicom 3.0.x. Under any other version the associations run stock
+# pynetdicom (slower, same behaviour on the wire); pyproject.toml pins 3.0.x.
+PYNETDICOM_TESTED = "3.0."
+_OWN_INTERNALS = _pynetdicom_version.startswith(PYNETDICOM_TESTED)
+if not _OWN_INTERNALS:
+    LOG.warning("pynetdicom %s is not the tested %sx: the listener uses stock pynetdicom's receive path",
+                _pynetdicom_version, PYNETDICOM_TESTED)
+
+
 def _speed_up_reactors(assoc: Any, node: "DicomNode | None" = None) -> None:
     """Install the event-driven waits on one of our associations (before it starts) and,
-    with ``node``, the fast data phase (:mod:`dicom_node.fastpath`)."""
+    with ``node``, the fast data phase (:mod:`dicom_node.fastpath`). Nothing under an
+    untested pynetdicom version."""
+    if not _OWN_INTERNALS:
+        return
     dul = assoc.dul
     if type(dul) is DULServiceProvider and not dul.is_alive():
         dul.__class__ = _NodeDUL

@@ -660,3 +660,24 @@ def _with_undefined_length_sequence(ds, implicit: bool) -> bytes:  # type: ignor
     buf.is_little_endian, buf.is_implicit_VR = True, implicit
     write_dataset(buf, ds)
     return buf.getvalue()
+
+
+def test_under_an_untested_pynetdicom_the_node_runs_stock_pynetdicom(tmp_path, monkeypatch):
+    """Our reactor, socket and data phase replace private parts of pynetdicom 3.0.x; under
+    another version they are not installed and the node still stores and answers."""
+    calls: list[str] = []
+    real = server._store_fast
+    monkeypatch.setattr(server, "_OWN_INTERNALS", False)
+    monkeypatch.setattr(server, "_store_fast", lambda inc, assoc, n: calls.append("fast") or real(inc, assoc, n))
+    n = DicomNode(NodeSettings(port=0), StabilitySettings(), tmp_path / "data")
+    n.start()
+    try:
+        assoc = scu_associate(n.port, calling="STOCK")
+        assert assoc.send_c_echo().Status == 0
+        for p in make_ct_series(tmp_path / "src", 3, seed=49):
+            assert assoc.send_c_store(dcmread(p)).Status == 0
+        assoc.release()
+        assert calls == [] and n.index.count() == 3 and temp_files(n.data_dir) == []
+    finally:
+        n.close()
+    assert server.PYNETDICOM_TESTED == "3.0." and server._pynetdicom_version.startswith("3.0.")

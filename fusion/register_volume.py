@@ -236,7 +236,21 @@ def _finest_fixed(fixed: sitk.Image, moving: sitk.Image, mask: sitk.Image, movin
     hi = np.clip(np.ceil(idx.max(axis=0) + pad), 0, fsize - 1).astype(int)
     if np.any(hi - lo < 8):  # (nearly) no overlap: keep the whole image, the gate will judge
         lo, hi = np.zeros(3, int), fsize - 1
+    # ... and further to the box of the sampling mask's voxels in it: the samples are drawn
+    # there only, and the set-up cost of a run (ITK's random sampler visits every voxel of
+    # the fixed image) grows with the fixed image
+    marr = sitk.GetArrayViewFromImage(mask)[lo[2]:hi[2] + 1, lo[1]:hi[1] + 1, lo[0]:hi[0] + 1]
+    ext = []
+    for ax in range(3):  # numpy axis 0 = z
+        other = tuple(a for a in range(3) if a != ax)
+        nz = np.flatnonzero(marr.any(axis=other))
+        ext.append((int(nz[0]), int(nz[-1])) if len(nz) else (0, marr.shape[ax] - 1))
+    mlo = np.array([ext[2][0], ext[1][0], ext[0][0]])
+    mhi = np.array([ext[2][1], ext[1][1], ext[0][1]])
+    if np.all(mhi - mlo >= 8):
+        lo, hi = lo + np.maximum(mlo - 1, 0), lo + np.minimum(mhi + 1, hi - lo)
     sub = [int(v) for v in hi - lo + 1]
+    log.debug("finest level: fixed image cropped to %s of %s voxels", sub, fsize.tolist())
     f_crop = sitk.RegionOfInterest(fixed, sub, [int(v) for v in lo])
     m_crop = sitk.RegionOfInterest(mask, sub, [int(v) for v in lo])
     count = int(np.count_nonzero(sitk.GetArrayViewFromImage(m_crop))) if counted else None
@@ -486,12 +500,17 @@ def register_volumes(
     say("preparing images", 0.0)
     # shrink in the stored type (BinShrink averages; integer types round to the nearest
     # integer, far below the noise), then float32 on the small images only
-    f_img = sitk.Cast(_shrink_to(volume_to_sitk(fixed), params.target_spacing_mm), sitk.sitkFloat32)
-    m_img = sitk.Cast(_shrink_to(volume_to_sitk(moving), params.target_spacing_mm), sitk.sitkFloat32)
-    f_mask, f_thr = _body_mask(f_img)
-    m_mask, m_thr = _body_mask(m_img)
-    f_coarse = _smooth_shrink(f_img, params.coarse_spacing_mm / 2, params.coarse_spacing_mm)
-    m_coarse = _smooth_shrink(m_img, params.coarse_spacing_mm / 2, params.coarse_spacing_mm)
+    def prepare(vol: Volume) -> tuple[sitk.Image, sitk.Image, float, sitk.Image, sitk.Image]:
+        img = sitk.Cast(_shrink_to(volume_to_sitk(vol), params.target_spacing_mm), sitk.sitkFloat32)
+        mask, thr = _body_mask(img)
+        coarse = _smooth_shrink(img, params.coarse_spacing_mm / 2, params.coarse_spacing_mm)
+        search = _smooth_shrink(img, params.search_spacing_mm / 2, params.search_spacing_mm)
+        return img, mask, thr, coarse, search
+
+    # the two volumes side by side (the conversion copies and the mask run on one core each)
+    with ThreadPoolExecutor(2) as pool:
+        (f_img, f_mask, f_thr, f_coarse, f_search), (m_img, m_mask, m_thr, m_coarse, m_search) = \
+            pool.map(prepare, [fixed, moving])
     fc_mask, _ = _body_mask(f_coarse)
     fc_arr = sitk.GetArrayViewFromImage(f_coarse)
     mc_arr = sitk.GetArrayViewFromImage(m_coarse)
@@ -520,8 +539,6 @@ def register_volumes(
         if f_bright is not None and m_bright is not None:
             translations.append(("bright centre", m_bright - f_bright))
     translations.append(("geometric centre", _image_centre(m_img) - _image_centre(f_img)))
-    f_search = _smooth_shrink(f_img, params.search_spacing_mm / 2, params.search_spacing_mm)
-    m_search = _smooth_shrink(m_img, params.search_spacing_mm / 2, params.search_spacing_mm)
     fs_mask, _ = _body_mask(f_search)
     timings["search_starts"] = time.perf_counter() - t1
     wide: list[tuple[float, np.ndarray, str]] = []

@@ -87,6 +87,8 @@ class VolumeRegistrationParameters:
     edge_samples: int = 3000  # Mattes MI samples among those edge voxels per evaluation (0: final_samples over the body)
     edge_cross_modality: bool = False  # edge sampling also when the modalities differ (CT-MR: the edges do not correspond)
     cross_modality_final_samples: int = 14000  # CT-MR finest level: samples over the whole body
+    finest_body_box: bool = True  # ... and, sampling the body (CT-MR), to the body's box in it (10 motions of the large
+    # CBCT-MR bench pair: TRE mean 0.065 -> 0.054 mm, max 0.115 -> 0.093 mm). Not for edge sampling: CBCT-CBCT TRE 0.0075 -> 0.0106 mm
     finest_margin_mm: float = 3.0  # the finest level's fixed image is cropped to the moving field of view plus this
     max_iterations: int = 200
     coarse_iterations: int = 30
@@ -215,7 +217,8 @@ def _centroid(img: sitk.Image, mask: np.ndarray) -> np.ndarray | None:
 
 
 def _finest_fixed(fixed: sitk.Image, moving: sitk.Image, mask: sitk.Image, moving_to_fixed: np.ndarray,
-                  margin_mm: float, counted: bool) -> tuple[sitk.Image, sitk.Image, int | None]:
+                  margin_mm: float, counted: bool, to_mask_box: bool = True
+                  ) -> tuple[sitk.Image, sitk.Image, int | None]:
     """``fixed`` and its sampling ``mask`` cropped to the box (fixed index space) around the
     moving image's field of view placed by ``moving_to_fixed`` (4x4, moving LPS -> fixed LPS),
     widened by ``margin_mm``; and the mask's voxel count in the crop when ``counted`` (then
@@ -236,9 +239,9 @@ def _finest_fixed(fixed: sitk.Image, moving: sitk.Image, mask: sitk.Image, movin
     hi = np.clip(np.ceil(idx.max(axis=0) + pad), 0, fsize - 1).astype(int)
     if np.any(hi - lo < 8):  # (nearly) no overlap: keep the whole image, the gate will judge
         lo, hi = np.zeros(3, int), fsize - 1
-    # ... and further to the box of the sampling mask's voxels in it: the samples are drawn
-    # there only, and the set-up cost of a run (ITK's random sampler visits every voxel of
-    # the fixed image) grows with the fixed image
+    # ... and further (``to_mask_box``) to the box of the sampling mask's voxels in it: the
+    # samples are drawn there only, and the set-up cost of a run (ITK's random sampler visits
+    # every voxel of the fixed image) grows with the fixed image
     marr = sitk.GetArrayViewFromImage(mask)[lo[2]:hi[2] + 1, lo[1]:hi[1] + 1, lo[0]:hi[0] + 1]
     ext = []
     for ax in range(3):  # numpy axis 0 = z
@@ -247,7 +250,7 @@ def _finest_fixed(fixed: sitk.Image, moving: sitk.Image, mask: sitk.Image, movin
         ext.append((int(nz[0]), int(nz[-1])) if len(nz) else (0, marr.shape[ax] - 1))
     mlo = np.array([ext[2][0], ext[1][0], ext[0][0]])
     mhi = np.array([ext[2][1], ext[1][1], ext[0][1]])
-    if np.all(mhi - mlo >= 8):
+    if to_mask_box and np.all(mhi - mlo >= 8):
         lo, hi = lo + np.maximum(mlo - 1, 0), lo + np.minimum(mhi + 1, hi - lo)
     sub = [int(v) for v in hi - lo + 1]
     log.debug("finest level: fixed image cropped to %s of %s voxels", sub, fsize.tolist())
@@ -666,7 +669,8 @@ def register_volumes(
                 if not finest_fixed:
                     finest_fixed.append(_finest_fixed(fl, ml, mk if edge_mask is None else edge_mask,
                                                       np.linalg.inv(_matrix_of(t)), params.finest_margin_mm,
-                                                      counted=edge_mask is not None or cross_modality))
+                                                      counted=edge_mask is not None or cross_modality,
+                                                      to_mask_box=edge_mask is None and params.finest_body_box))
                 fl, mk, mask_voxels = finest_fixed[0]
                 if edge_mask is not None:
                     samples = params.edge_samples

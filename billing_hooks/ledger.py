@@ -230,9 +230,13 @@ class Ledger:
             raise LedgerError(f"cannot open the ledger {self.path}: {exc}; check the data directory and its permissions") from exc
 
     def close(self) -> None:
+        """Close the connections once no write is running and no commit is pending."""
         with self._mutex:
             while self._busy or self._open:
-                self._turn.wait()
+                # a wake-up meant for a queued writer may have come here: pass it on, or
+                # the writer never runs and the group it would commit stays open
+                self._turn.notify()
+                self._turn.wait(0.05)
             self._busy = True
         try:
             self.conn.close()

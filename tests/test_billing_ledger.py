@@ -456,3 +456,38 @@ def test_every_returned_append_survives_kill_9_of_concurrent_writers(tmp_path: P
     missing = [s for s in acked if stored.get(s) != acked[s]]
     assert not missing, f"acknowledged appends lost or changed after kill -9: {missing[:5]}"
     led.close()
+
+
+def test_close_waits_for_an_open_group_without_stealing_its_writers_turn(tmp_path: Path) -> None:
+    import threading
+    led = Ledger(tmp_path / "ledger.sqlite")
+    release_a, a_in = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def block(kind: str, hold: bool) -> None:
+        try:
+            with led.transaction():
+                led.append(kind, {}, fusion_id=kind)
+                if hold:
+                    a_in.set()
+                    release_a.wait(10)
+        except BaseException as exc:  # noqa: BLE001 - reported to the test
+            errors.append(exc)
+
+    a = threading.Thread(target=block, args=("A", True), daemon=True)
+    a.start()
+    assert a_in.wait(10)
+    closer = threading.Thread(target=led.close, daemon=True)
+    closer.start()  # queued first for the writer's turn...
+    _wait_for(lambda: len(led._turn._waiters) == 1, "close() to wait")
+    b = threading.Thread(target=block, args=("B", False), daemon=True)
+    b.start()       # ...then B
+    _wait_for(lambda: led._waiting == 1 and len(led._turn._waiters) == 2, "B to queue behind close()")
+    release_a.set()  # A defers its commit to B; the turn it hands on goes to close() first
+    for t in (a, b, closer):
+        t.join(10)
+        assert not t.is_alive(), "deadlock between close() and a pending group commit"
+    assert errors == []
+    reopened = Ledger(tmp_path / "ledger.sqlite")
+    assert [e.kind for e in reopened.entries()] == ["A", "B"] and reopened.verify().ok
+    reopened.close()

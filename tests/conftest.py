@@ -7,9 +7,11 @@ calls :func:`require_peer`; it skips when the peer is missing, or fails when
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -73,3 +75,35 @@ def small_set() -> Path:
     if not (SMALL_SET / "ground_truth.json").is_file():
         pytest.fail(f"{SMALL_SET} is missing; run python test_volumes/generate.py --out {SMALL_SET}")
     return SMALL_SET
+
+
+def dcmtk(program: str) -> str:
+    """Path of the dcmtk program (the pyenv shims of pynetdicom's apps share some names:
+    storescu, echoscu; we need dcmtk's). Skips/fails like ``require_peer``."""
+    require_peer(program)
+    found = _find_dcmtk(program)
+    if found:
+        return found
+    msg = f"dcmtk's {program} not found (only non-dcmtk programs of that name on PATH)"
+    if peers_required():
+        pytest.fail(msg)
+    pytest.skip(msg)
+    raise AssertionError  # unreachable
+
+
+@functools.lru_cache(maxsize=None)
+def _find_dcmtk(program: str) -> str:
+    candidates = [Path(p) / program for p in os.environ.get("PATH", "").split(os.pathsep)]
+    candidates += [Path("/usr/bin") / program]
+    for cand in candidates:
+        if cand.is_file() and os.access(cand, os.X_OK):
+            with open(cand, "rb") as fh:
+                if fh.read(4) != b"\x7fELF":  # scripts (pyenv shims) are not dcmtk
+                    continue
+            try:
+                out = subprocess.run([str(cand), "--version"], capture_output=True, text=True, timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                continue
+            if "dcmtk" in (out.stdout + out.stderr).lower():
+                return str(cand)
+    return ""

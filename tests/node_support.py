@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import hashlib
 import io
 import socket
 import os
 import shutil
 import struct
-import subprocess
 from pathlib import Path
 from typing import Iterable
 
@@ -22,46 +20,13 @@ from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF
 
-from conftest import peers_required, require_peer
+from conftest import dcmtk  # noqa: F401 - re-exported: the node tests import it from here
 
-import pytest
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
 VERIFICATION = "1.2.840.10008.1.1"
 UID_ROOT = "1.2.826.0.1.3680043.10.1090."  # test-only root
-
-
-def dcmtk(program: str) -> str:
-    """Path of the dcmtk program (the pyenv shims of pynetdicom's apps share some names:
-    storescu, echoscu; we need dcmtk's). Skips/fails like ``require_peer``."""
-    require_peer(program)
-    found = _find_dcmtk(program)
-    if found:
-        return found
-    msg = f"dcmtk's {program} not found (only non-dcmtk programs of that name on PATH)"
-    if peers_required():
-        pytest.fail(msg)
-    pytest.skip(msg)
-    raise AssertionError  # unreachable
-
-
-@functools.lru_cache(maxsize=None)
-def _find_dcmtk(program: str) -> str:
-    candidates = [Path(p) / program for p in os.environ.get("PATH", "").split(os.pathsep)]
-    candidates += [Path("/usr/bin") / program]
-    for cand in candidates:
-        if cand.is_file() and os.access(cand, os.X_OK):
-            with open(cand, "rb") as fh:
-                if fh.read(4) != b"\x7fELF":  # scripts (pyenv shims) are not dcmtk
-                    continue
-            try:
-                out = subprocess.run([str(cand), "--version"], capture_output=True, text=True, timeout=10)
-            except (OSError, subprocess.TimeoutExpired):
-                continue
-            if "dcmtk" in (out.stdout + out.stderr).lower():
-                return str(cand)
-    return ""
 
 
 def dcmtk_env() -> dict[str, str]:

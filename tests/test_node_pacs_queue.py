@@ -18,25 +18,13 @@ from click.testing import CliRunner
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless
 from pynetdicom import AE, evt
 
-from conftest import free_port, require_peer
+from conftest import dcmtk, free_port
 from dicom_node.audit import AuditTrail
 from dicom_node.forward import ForwardError, ForwardQueue, audit_sent_to, queue_counts
 from dicom_node.settings import PacsDestination, PacsSettings
 from orthanc import dataset_bytes, make_series
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
-
-
-def dcmtk(program: str) -> str:
-    """The dcmtk binary (PATH may hold pynetdicom's app of the same name first)."""
-    require_peer(program)
-    for candidate in (shutil.which(program), f"/usr/bin/{program}"):
-        if not candidate or not Path(candidate).exists():
-            continue
-        out = subprocess.run([candidate, "--version"], capture_output=True, text=True, timeout=10)
-        if "dcmtk" in (out.stdout + out.stderr).lower():
-            return candidate
-    pytest.skip(f"{program} on PATH is not dcmtk's")
 
 
 def wait_for(predicate, timeout_s: float = 10.0, interval_s: float = 0.02) -> bool:

@@ -71,6 +71,14 @@ _INSERT = ("INSERT INTO ledger(seq, kind, fusion_id, patient_key, recorded_at, e
            "VALUES (?,?,?,?,?,?,?)")
 
 
+_LAST = "SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1"
+
+
+def _last(rows: list[tuple]) -> tuple[int, str]:
+    """(seq, hash) of the newest entry from a ``_LAST`` query, or (0, GENESIS) when empty."""
+    return (rows[0][0], rows[0][1]) if rows else (0, GENESIS)
+
+
 def canonical_json(obj: Any) -> str:
     """Sorted keys, no whitespace, UTF-8 text (not ASCII-escaped), no NaN/Infinity."""
     return _CANONICAL.encode(obj)
@@ -162,11 +170,11 @@ class _Request:
     at: datetime | None
     wake: Any = field(default_factory=threading.Lock)  # held until the request's thread may go on
     finished: bool = False
+    entry: LedgerEntry | None = None
+    error: BaseException | None = None
 
     def __post_init__(self) -> None:
         self.wake.acquire()
-    entry: LedgerEntry | None = None
-    error: BaseException | None = None
 
 
 class Ledger:
@@ -205,7 +213,6 @@ class Ledger:
         self._leading = False             # a thread is running queued appends
         self._busy = False
         self._owner: int | None = None
-        self._depth = 0
         self._waiting = 0
         self._open = False          # an SQLite transaction is open (BEGIN IMMEDIATE done)
         self._in_group = 0          # blocks run in the open transaction
@@ -265,11 +272,7 @@ class Ledger:
         exception propagates. Concurrent callers share commits (see the module docstring).
         """
         if self._inside():
-            self._depth += 1
-            try:
-                yield self.conn
-            finally:
-                self._depth -= 1
+            yield self.conn
             return
         with self._mutex:
             self._waiting += 1
@@ -292,15 +295,12 @@ class Ledger:
                 raise LedgerError(f"cannot start a ledger transaction in {self.path}: {exc}; "
                                   "check the disk and that no other program holds the database") from exc
             saved_head = self._pending_head
-            self._depth = 1
             try:
                 yield self.conn
             except BaseException as exc:  # roll back this block only
                 error = exc
                 self._pending_head = saved_head
                 self.conn.execute("ROLLBACK TO ledger_block")
-            finally:
-                self._depth = 0
             self.conn.execute("RELEASE ledger_block")
             self._in_group += 1
             my_epoch = self._epoch
@@ -394,8 +394,7 @@ class Ledger:
             del self._queue[:self._max_group]
         try:
             with self.transaction() as conn:
-                row = conn.execute("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1").fetchone()
-                seq, prev = (row[0], row[1]) if row else (0, GENESIS)
+                seq, prev = _last(conn.execute(_LAST).fetchall())
                 rows = []
                 for r in batch:
                     try:
@@ -429,11 +428,10 @@ class Ledger:
     def _insert(self, conn: sqlite3.Connection, kind: str, event: Mapping[str, Any], fusion_id: str,
                 patient_key: str, at: datetime | None) -> LedgerEntry:
         """Write one entry in the open transaction (the calling thread is busy)."""
-        row = conn.execute("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1").fetchone()
-        seq, prev = (row[0] + 1, row[1]) if row else (1, GENESIS)
-        entry, values = self._entry(seq, prev, kind, event, fusion_id, patient_key, at)
+        seq, prev = _last(conn.execute(_LAST).fetchall())
+        entry, values = self._entry(seq + 1, prev, kind, event, fusion_id, patient_key, at)
         conn.execute(_INSERT, values)
-        self._pending_head = (seq, entry.hash)
+        self._pending_head = (entry.seq, entry.hash)
         return entry
 
     def _entry(self, seq: int, prev: str, kind: str, event: Mapping[str, Any], fusion_id: str, patient_key: str,
@@ -471,8 +469,7 @@ class Ledger:
             return self._reader.execute(sql, args).fetchall()
 
     def head(self) -> tuple[int, str]:
-        rows = self.query("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1")
-        return (rows[0][0], rows[0][1]) if rows else (0, GENESIS)
+        return _last(self.query(_LAST))
 
     def __len__(self) -> int:
         return int(self.query("SELECT COUNT(*) FROM ledger")[0][0])

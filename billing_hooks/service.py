@@ -357,13 +357,18 @@ class BillingHook:
         self._maybe_export(fusion_id)
         return self.require_decision(fusion_id)
 
-    def review(self, fusion_id: str, *, accepted: bool, reviewer: str, note: str) -> BillingDecision:
+    def review(self, fusion_id: str, *, accepted: bool, reviewer: str, note: str,
+               export: bool = True) -> BillingDecision:
         """Ledger a person's review of the registration and decide again (rule 4).
 
         Accepting a registration the gate flagged (``needs_review``) lets the fusion go on
         to documentation and billing; rejecting one makes it not eligible, whatever its
         gate said. A registration the gate rejected stays not eligible either way. The
         latest review counts; every review stays in the ledger.
+
+        A decision that becomes ready to bill is exported with the latest report attached,
+        unless ``export`` is False: then the claim goes out when the caller attaches the
+        report that shows the review (:meth:`attach_report` exports).
 
         Raises
         ------
@@ -386,7 +391,8 @@ class BillingHook:
             decision = self._decide_again(fusion_id, *self._documentation(fusion_id))
             self.ledger.append("decision", decision.to_dict(), fusion_id=fusion_id, patient_key=current.patient_key)
         log.info("fusion %s reviewed (%s): now %s", fusion_id, "accepted" if accepted else "rejected", decision.status)
-        self._maybe_export(fusion_id)
+        if export:
+            self._maybe_export(fusion_id)
         return self.require_decision(fusion_id)
 
     def _maybe_export(self, fusion_id: str) -> None:

@@ -211,19 +211,18 @@ class Finisher:
         """Record a person's review of a fusion's registration and follow it through.
 
         The billing hook ledgers the review and decides again; the report is re-issued for
-        the new decision; an accepted fusion's DICOM outputs are then queued for the PACS
-        (they were held back while the registration was doubtful), unless the gate rejected
-        it. Returns the decision and the number of output instances queued.
+        the new decision, and attaching it exports the claim when the fusion is now ready to
+        bill (so the claim's attachment shows the review); an accepted fusion's DICOM
+        outputs are then queued for the PACS (they were held back while the registration was
+        doubtful), unless the gate rejected it. Returns the decision and the number of
+        output instances queued.
         """
-        decision = self.billing.review(fusion_id, accepted=accepted, reviewer=reviewer, note=note)
+        decision = self.billing.review(fusion_id, accepted=accepted, reviewer=reviewer, note=note, export=False)
         result = self.load_result(fusion_id)
-        if decision.status != "exported":
-            self.ensure_report(result, decision)
+        self.ensure_report(result, decision)
         queued = 0
         if accepted and result.verdict != "rejected" and self.forward is not None and self.cfg.pacs.forward_outputs:
             queued = self.forward_outputs(result)
-        if decision.status == "ready_to_bill":
-            self.follow_up_documentation(only=fusion_id)
         return self.billing.decision(fusion_id), queued
 
     def follow_up_documentation(self, only: str | None = None) -> int:

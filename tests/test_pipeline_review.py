@@ -108,3 +108,20 @@ def test_review_refuses_without_a_verdict_or_for_an_unknown_fusion(flagged: Path
     assert res.exit_code == 1 and "not in the ledger" in res.output
     res = _cli("review", "F1", "--accept", "--reviewer", " ", "--note", "n", "--data-dir", str(flagged))
     assert res.exit_code == 1 and "--reviewer" in res.output
+
+
+def test_documented_then_accepted_claim_carries_the_report_that_shows_the_review(flagged: Path) -> None:
+    env = {**ENV, "DENTFUSE_BILLING_POLICY_FEE_SCHEDULE": "D0395=350.00"}
+    run = CliRunner().invoke(main, ["document", "F1", "--rationale", "Implant planning at 36.", "--clinician",
+                                    "Dr. A. Molar", "--data-dir", str(flagged), "--json"], env=env)
+    assert run.exit_code == 0, run.output
+    assert json.loads(run.output)["status"] == "needs_review"  # documented, still waiting for review
+    run = CliRunner().invoke(main, ["review", "F1", "--accept", "--reviewer", "T. Tech", "--note", "QA overlays checked",
+                                    "--data-dir", str(flagged), "--json"], env=env)
+    assert run.exit_code == 0, run.output
+    doc = json.loads(run.output)
+    reports = sorted((flagged / "reports" / "F1").glob("F1-R*.pdf"))
+    assert doc["status"] == "exported" and doc["report_id"] == reports[-1].stem == "F1-R3"
+    meta = json.loads((flagged / "reports" / "F1" / "F1-R3.json").read_text(encoding="utf-8"))
+    assert meta["state"]["status"] == "ready_to_bill"
+    assert "T. Tech" in (flagged / "reports" / "F1" / "F1-R3.html").read_text(encoding="utf-8")

@@ -594,8 +594,13 @@ def accept_instance(
     except InstanceRejected:
         raise
     except (StorageError, NodeIndexError, OSError) as exc:
-        status = Status.OUT_OF_RESOURCES_DISK_FULL if is_disk_full(exc) else Status.OUT_OF_RESOURCES
-        raise InstanceRejected(status, f"cannot store {header.sop_instance_uid}: {exc}") from exc
+        raise InstanceRejected(write_failure_status(exc), f"cannot store {header.sop_instance_uid}: {exc}") from exc
+
+
+def write_failure_status(exc: BaseException) -> Status:
+    """The C-STORE status for a failure to write or store an instance: 0xA701 when the
+    disk (or quota) is full, else 0xA700."""
+    return Status.OUT_OF_RESOURCES_DISK_FULL if is_disk_full(exc) else Status.OUT_OF_RESOURCES
 
 
 def _record(h: InstanceHeader, final: Path, calling_ae_title: str, received_s: float) -> ReceivedInstance:

@@ -55,13 +55,13 @@ from dicom_node.audit import AssociationTally, AuditTrail
 from dicom_node.errors import InstanceRejected, NodeConfigurationError
 from dicom_node.index import InstanceIndex
 from dicom_node.fastpath import FastDataPhase, IncomingInstance
-from dicom_node.ingest import AcceptResult, accept_instance, inspect_received, reconcile_store
+from dicom_node.ingest import AcceptResult, accept_instance, inspect_received, reconcile_store, write_failure_status
 from dicom_node.records import ReceivedInstance
 from dicom_node.settings import NodeSettings, StabilitySettings
 from dicom_node.sop_classes import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION_SOP_CLASS
 from dicom_node.stability import StabilityMonitor
 from dicom_node.status import Status
-from dicom_node.storage import InstanceStore, is_disk_full
+from dicom_node.storage import InstanceStore
 
 LOG = logging.getLogger(__name__)
 
@@ -771,8 +771,8 @@ def _store_fast(inc: IncomingInstance, assoc: Any, node: DicomNode) -> int:
 
     def accept() -> AcceptResult:
         if inc.write_error is not None:
-            status = Status.OUT_OF_RESOURCES_DISK_FULL if is_disk_full(inc.write_error) else Status.OUT_OF_RESOURCES
-            raise InstanceRejected(status, f"cannot write the received dataset: {inc.write_error}")
+            raise InstanceRejected(write_failure_status(inc.write_error),
+                                   f"cannot write the received dataset: {inc.write_error}")
         # The disk is already writing the dataset (the fast path started writeback as it
         # arrived); the flush waits until the header is checked and the index consulted.
         header = inspect_received(inc.path, inc.transfer_syntax, inc.dataset_offset, inc.sha256,
@@ -785,8 +785,8 @@ def _store_fast(inc: IncomingInstance, assoc: Any, node: DicomNode) -> int:
                 storage.sync_fd(inc.fd)
                 inc.close()
             except OSError as exc:
-                status = Status.OUT_OF_RESOURCES_DISK_FULL if is_disk_full(exc) else Status.OUT_OF_RESOURCES
-                raise InstanceRejected(status, f"cannot flush the received dataset to disk: {exc}") from exc
+                raise InstanceRejected(write_failure_status(exc),
+                                       f"cannot flush the received dataset to disk: {exc}") from exc
 
         return accept_instance(inc.path, node.store, node.index, _peer(assoc)[0],
                                node.settings.duplicate_policy, header=header, synced=True,

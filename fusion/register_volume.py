@@ -549,7 +549,6 @@ def register_volumes(
     fs_mask, _ = _body_mask(f_search)
     timings["search_starts"] = time.perf_counter() - t1
     wide: list[tuple[float, np.ndarray, str]] = []
-    n_starts = len(translations) * len(params.rotation_starts_deg)
     first_its = min(params.search_first_iterations or params.search_iterations, params.search_iterations)
     starts: list[tuple[sitk.Euler3DTransform, str]] = []
     for tname, trans in translations:

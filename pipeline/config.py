@@ -221,7 +221,6 @@ def _coerce(key: str, tp: Any, value: Any, where: str) -> Any:
     except ConfigError:
         raise
     except (TypeError, ValueError):
-        tname = getattr(tp, "__name__", str(tp))
         raise ConfigError(
             f"{where}: {key} must be {_describe(tp)}, got {value!r} ({type(value).__name__})"
         ) from None

@@ -56,7 +56,7 @@ import SimpleITK as sitk
 
 from fusion.errors import RegistrationError
 from fusion.gates import VolumeGateThresholds
-from fusion.mattes import register_rigid_mattes
+from fusion.mattes import ForkedCall, register_rigid_mattes
 from fusion.records import QualityCheck, Verdict
 from fusion.volume import Volume, volume_to_sitk
 
@@ -785,9 +785,17 @@ def register_volumes(
             pert[:3, :3] = R
             pert[:3, 3] = box_c - R @ box_c + shift  # rotate about the overlap centre, then shift
             runs.append((best_f2m @ pert, seed + 1 + k))
-    # (all at once even beyond parallel_runs: three runs on two cores end sooner than two rounds)
-    finals = pmap(lambda st: refine(st[0], st[1], next_level), runs, params.refine_threads,
-                  width=len(runs) if params.parallel_runs > 1 else 1)
+    numpy_finest = (next_level == len(levels) - 1 and cross_modality and edge_mask is None
+                    and params.cross_modality_final_engine == "numpy")
+    if numpy_finest and params.parallel_runs > 1 and len(runs) > 1:
+        # numpy runs would serialise on the GIL in threads: the restarts run in forked
+        # children (pure numpy work there), the main run here, at the same time
+        children = [ForkedCall(lambda st=st: refine(st[0], st[1], next_level)) for st in runs[1:]]
+        finals = [refine(runs[0][0], runs[0][1], next_level)] + [c.result() for c in children]  # type: ignore[misc]
+    else:
+        # (all at once even beyond parallel_runs: three runs on two cores end sooner than two rounds)
+        finals = pmap(lambda st: refine(st[0], st[1], next_level), runs, params.refine_threads,
+                      width=len(runs) if params.parallel_runs > 1 else 1)
     if next_level:
         best_metric, best_f2m, best_stop, best_its = finals.pop(0)
     timings["finest"] = time.perf_counter() - t3

@@ -148,3 +148,45 @@ def test_parameters_are_checked():
         VolumeRegistrationParameters(cross_modality_final_engine="gpu")
     with pytest.raises(ValueError, match="bins"):
         VolumeRegistrationParameters(cross_modality_final_bins=4)
+
+
+def test_forked_call_runs_in_a_child_and_falls_back_here():
+    import os
+
+    from fusion.mattes import ForkedCall
+
+    parent = os.getpid()
+    assert ForkedCall(os.getpid).result() != parent  # computed in a child
+
+    def fails_in_child() -> str:
+        if os.getpid() != parent:
+            raise RuntimeError("child")
+        return "here"
+
+    assert ForkedCall(fails_in_child).result() == "here"
+
+    def hangs_in_child() -> str:
+        if os.getpid() != parent:
+            import time
+
+            time.sleep(30)
+        return "here"
+
+    assert ForkedCall(hangs_in_child, timeout_s=0.5).result() == "here"
+
+
+def test_ct_mr_result_does_not_depend_on_running_restarts_in_children(small_set):
+    """The consistency restart runs in a forked child by default; one after the other in
+    this process it gives the same transform, bit for bit."""
+    import dataclasses
+
+    from fusion.register_volume import register_volumes
+    from fusion.volume import load_series
+    from test_volumes.groundtruth import GroundTruth
+
+    gt = GroundTruth.load(small_set)
+    f, m = load_series(gt.series_dir("p1_cbct_a")), load_series(gt.series_dir("p1_mr"))
+    forked = register_volumes(f, m, seed=3)
+    here = register_volumes(f, m, seed=3, params=dataclasses.replace(VolumeRegistrationParameters(), parallel_runs=1))
+    assert np.array_equal(forked.matrix_moving_to_fixed, here.matrix_moving_to_fixed)
+    assert forked.consistency_mm == here.consistency_mm and forked.final_metric == here.final_metric

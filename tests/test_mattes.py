@@ -190,3 +190,10 @@ def test_ct_mr_result_does_not_depend_on_running_restarts_in_children(small_set)
     here = register_volumes(f, m, seed=3, params=dataclasses.replace(VolumeRegistrationParameters(), parallel_runs=1))
     assert np.array_equal(forked.matrix_moving_to_fixed, here.matrix_moving_to_fixed)
     assert forked.consistency_mm == here.consistency_mm and forked.final_metric == here.final_metric
+    # the ITK engine (same metric and schedule, ITK's samples) lands within a fraction of a voxel
+    from fusion.register_volume import max_corner_displacement_mm
+
+    itk = register_volumes(f, m, seed=3, params=VolumeRegistrationParameters(cross_modality_final_engine="itk"))
+    assert forked.overlap_box_fixed is not None
+    gap = max_corner_displacement_mm(forked.matrix_moving_to_fixed, itk.matrix_moving_to_fixed, forked.overlap_box_fixed)
+    assert gap < 0.25, gap

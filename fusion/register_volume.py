@@ -113,7 +113,7 @@ class VolumeRegistrationParameters:
     )
     refine_candidates: int = 2  # distinct global-search candidates refined at the first level
     consistency_starts: int = 2
-    cross_modality_consistency_starts: int = 1  # CT-MR: one restart (its finest runs cost ~1.5 s each; two run at once)
+    cross_modality_consistency_starts: int = 1  # CT-MR: one restart, in a forked child while the main run goes on (two cores)
     consistency_perturbation_deg: float = 0.5  # restarts at the finest level from the solution turned by this ...
     consistency_perturbation_mm: float = 0.5  # ... and shifted by this (a restart that does not come back disagrees by ~1 mm)
     threads: int = 0  # 0 = SimpleITK default

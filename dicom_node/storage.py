@@ -10,8 +10,9 @@ Every UID is validated (:func:`dicom_node.uids.check_uid`) before it becomes a p
 component, so ``../`` or ``/`` can never reach the file system. A file enters its final
 place only through :meth:`InstanceStore.commit`: fsync the temporary file, create the
 directories (fsync'ing their parents), rename atomically (same file system), fsync the
-directory. A crash at any moment leaves either the temporary file (removed at start-up)
-or the complete file.
+directory (when that fails, the renamed file is removed again and the commit fails). A
+crash at any moment leaves either the temporary file (removed at start-up) or the
+complete file.
 """
 
 from __future__ import annotations
@@ -186,7 +187,9 @@ class InstanceStore:
 
         fsync the file (``synced``: the caller already flushed its data with
         :func:`sync_fd` after the last write), create missing directories (fsync'ing each
-        parent), rename atomically, fsync the directory.
+        parent), rename atomically, fsync the directory. When the directory fsync fails,
+        the renamed file is removed before the error is raised: a failed commit leaves
+        nothing at ``final_path``.
 
         Raises
         ------
@@ -206,12 +209,31 @@ class InstanceStore:
                     f"{final_path} already exists; the store never overwrites an instance"
                 )
             os.replace(tmp_path, final_path)
-            fsync_dir(final_path.parent)
+            try:
+                fsync_dir(final_path.parent)
+            except OSError:
+                self._take_back(final_path)
+                raise
         except StorageError:
             raise
         except OSError as exc:
             raise StorageError(f"cannot store {final_path.name}: {exc}") from exc
         return final_path
+
+    def _take_back(self, final_path: Path) -> None:
+        """Remove a file just renamed into place whose directory could not be fsync'd:
+        the commit fails, so the file must not stay (a restart would index it)."""
+        try:
+            os.unlink(final_path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            LOG.error("cannot remove %s after its directory failed to sync: %s", final_path, exc)
+            return
+        try:
+            fsync_dir(final_path.parent)
+        except OSError as exc:
+            LOG.warning("cannot sync %s after removing %s: %s", final_path.parent, final_path.name, exc)
 
     def _make_dirs(self, directory: Path) -> None:
         missing: list[Path] = []

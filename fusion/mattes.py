@@ -68,12 +68,28 @@ def _x_pairs(flat: np.ndarray) -> np.ndarray:
     return pairs.view(np.float64).ravel()
 
 
-def _trilinear(pairs: np.ndarray, size_xyz: np.ndarray, idx: np.ndarray, gradient: bool
-               ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Trilinear interpolation of a C-ordered (z, y, x) image given as :func:`_x_pairs`,
-    at continuous (i, j, k) indices ``idx`` (3, N: one row per axis, the layout that keeps
-    every operation on contiguous arrays) inside [0, size - 1]; with ``gradient``, also the
-    gradient of the interpolant with respect to (i, j, k) (3, N)."""
+def _pair_reader(pairs: np.ndarray) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Reads a voxel and its +x neighbour from :func:`_x_pairs` in one gather."""
+    def read(at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        both = pairs[at].view(np.float32).reshape(-1, 2).T
+        return both[0].astype(np.float64), both[1].astype(np.float64)
+    return read
+
+
+def _flat_reader(flat: np.ndarray) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Reads a voxel and its +x neighbour from a flat image (two gathers, no table)."""
+    def read(at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return flat[at].astype(np.float64), flat[at + 1].astype(np.float64)
+    return read
+
+
+def _trilinear(read: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], size_xyz: np.ndarray, idx: np.ndarray,
+               gradient: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Trilinear interpolation of a C-ordered (z, y, x) image (``read``: its voxel pairs
+    along x, :func:`_pair_reader` or :func:`_flat_reader`) at continuous (i, j, k) indices
+    ``idx`` (3, N: one row per axis, the layout that keeps every operation on contiguous
+    arrays) inside [0, size - 1]; with ``gradient``, also the gradient of the interpolant
+    with respect to (i, j, k) (3, N)."""
     i0 = np.floor(idx)
     np.clip(i0, 0, (size_xyz - 2)[:, None], out=i0)
     f = idx - i0
@@ -83,8 +99,7 @@ def _trilinear(pairs: np.ndarray, size_xyz: np.ndarray, idx: np.ndarray, gradien
     base = i0[0] + i0[1] * sy + i0[2] * sz
 
     def corners(offset: int) -> tuple[np.ndarray, np.ndarray]:
-        both = pairs[base + offset if offset else base].view(np.float32).reshape(-1, 2).T
-        return both[0].astype(np.float64), both[1].astype(np.float64)
+        return read(base + offset if offset else base)
 
     c000, c100 = corners(0)
     c010, c110 = corners(sy)
@@ -137,34 +152,69 @@ def _rotation(w: np.ndarray) -> np.ndarray:
     return np.eye(3) + math.sin(angle) * K + (1 - math.cos(angle)) * K @ K
 
 
+class MovingTable:
+    """The moving image as the metric reads it: voxel pairs along x (:func:`_x_pairs`),
+    geometry and intensity range. Built once and shared by the runs of one registration
+    (a forked child inherits it)."""
+
+    def __init__(self, moving: sitk.Image) -> None:
+        if min(moving.GetSize()) < 2:
+            raise RegistrationError("the moving image of the registration is thinner than two voxels")
+        flat = np.ascontiguousarray(sitk.GetArrayViewFromImage(moving), dtype=np.float32).ravel()
+        self.read = _pair_reader(_x_pairs(flat))
+        self.size = np.array(moving.GetSize(), np.int64)
+        self.minimum, self.maximum = float(flat.min()), float(flat.max())
+        d_m, self.origin = _index_matrix(moving)
+        self.inverse = np.linalg.inv(d_m)  # LPS -> index
+
+
+def _draw_from_mask(mask_flat: np.ndarray, samples: int, rng: np.random.Generator) -> np.ndarray:
+    """``samples`` flat indices drawn uniformly (with replacement) among the nonzero
+    voxels of ``mask_flat``: by rejection when the mask is not sparse (no index list of the
+    whole mask), else from the list."""
+    picks: list[np.ndarray] = []
+    need, drawn = samples, 0
+    while need > 0 and drawn < 20 * samples:
+        trial = rng.integers(0, len(mask_flat), size=2 * need + 64)
+        drawn += len(trial)
+        kept = trial[mask_flat[trial] != 0][:need]
+        picks.append(kept)
+        need -= len(kept)
+    if need > 0:  # a sparse mask: draw the rest from the list of its voxels
+        candidates = np.flatnonzero(mask_flat)
+        if len(candidates) == 0:
+            raise RegistrationError("the fixed sampling mask is empty")
+        picks.append(candidates[rng.integers(0, len(candidates), size=need)])
+    return np.concatenate(picks)
+
+
 class MattesMetric:
     """Mattes mutual information between ``fixed`` (at seeded samples of ``mask``) and
     ``moving``, and its derivative for a rigid update (see the module docstring)."""
 
-    def __init__(self, fixed: sitk.Image, mask: sitk.Image | None, moving: sitk.Image, *, samples: int,
-                 bins: int, seed: int) -> None:
+    def __init__(self, fixed: sitk.Image, mask: sitk.Image | None, moving: sitk.Image | MovingTable, *,
+                 samples: int, bins: int, seed: int) -> None:
         if bins < 2 * PADDING + 2:
             raise ValueError(f"at least {2 * PADDING + 2} histogram bins are needed, got {bins}")
-        if min(fixed.GetSize()) < 2 or min(moving.GetSize()) < 2:
-            raise RegistrationError("an image of the registration is thinner than two voxels")
+        if min(fixed.GetSize()) < 2:
+            raise RegistrationError("the fixed image of the registration is thinner than two voxels")
+        table = moving if isinstance(moving, MovingTable) else MovingTable(moving)
         self.bins = bins
         farr = sitk.GetArrayViewFromImage(fixed)
         fsize = np.array(fixed.GetSize(), np.int64)
-        if mask is not None:
-            candidates = np.flatnonzero(sitk.GetArrayViewFromImage(mask).ravel())
-        else:
-            candidates = np.arange(farr.size)
-        if len(candidates) == 0:
-            raise RegistrationError("the fixed sampling mask is empty")
         rng = np.random.default_rng(seed)
+        if mask is not None:
+            pick = _draw_from_mask(sitk.GetArrayViewFromImage(mask).ravel(), samples, rng)
+        else:
+            pick = rng.integers(0, farr.size, size=samples)
         # in memory order: neighbouring samples read neighbouring moving voxels (a random
         # order cost ~3x the time in cache misses)
-        pick = np.sort(candidates[rng.integers(0, len(candidates), size=samples)])
+        pick.sort()
         k, j, i = np.unravel_index(pick, farr.shape)
         idx = np.stack([i, j, k], axis=1).astype(float) + rng.uniform(-0.5, 0.5, size=(len(pick), 3))
         np.clip(idx, 0.0, fsize - 1.0, out=idx)
         idx = np.ascontiguousarray(idx.T)  # (3, n): one row per axis
-        fvals, _ = _trilinear(_x_pairs(np.ascontiguousarray(farr, dtype=np.float32).ravel()), fsize, idx,
+        fvals, _ = _trilinear(_flat_reader(np.ascontiguousarray(farr, dtype=np.float32).ravel()), fsize, idx,
                               gradient=False)
         d_f, o_f = _index_matrix(fixed)
         self.points = d_f @ idx + o_f[:, None]  # fixed LPS, (3, n)
@@ -176,15 +226,12 @@ class MattesMetric:
         fixed_bin = np.clip(np.floor((fvals - f_min) / f_width + PADDING).astype(np.int64),
                             PADDING, bins - PADDING - 1)
         self.fixed_cell = fixed_bin * bins  # row of each sample in the joint histogram
-        marr = sitk.GetArrayViewFromImage(moving)
-        moving_flat = np.ascontiguousarray(marr, dtype=np.float32).ravel()
-        self.moving_pairs = _x_pairs(moving_flat)
-        self.moving_size = np.array(moving.GetSize(), np.int64)
-        m_min, m_max = float(moving_flat.min()), float(moving_flat.max())
-        self.moving_min = m_min
-        self.moving_width = (m_max - m_min) / (bins - 2 * PADDING) or 1.0
-        d_m, self.moving_origin = _index_matrix(moving)
-        self.moving_inverse = np.linalg.inv(d_m)  # LPS -> index
+        self.moving_read = table.read
+        self.moving_size = table.size
+        self.moving_min = table.minimum
+        self.moving_width = (table.maximum - table.minimum) / (bins - 2 * PADDING) or 1.0
+        self.moving_origin = table.origin
+        self.moving_inverse = table.inverse
 
     def evaluate(self, f2m: np.ndarray, derivative: bool = True) -> tuple[float, np.ndarray | None, int]:
         """(mutual information, its gradient (6,: rotation about the samples' image, scaled
@@ -211,7 +258,7 @@ class MattesMetric:
             return 0.0, None, n
         # samples outside the moving image are interpolated at the clamped index and weigh 0
         weight = inside.astype(np.float64) if n < ci.shape[1] else None
-        mval, mgrad = _trilinear(self.moving_pairs, self.moving_size, ci, gradient=derivative)
+        mval, mgrad = _trilinear(self.moving_read, self.moving_size, ci, gradient=derivative)
         # the moving values lie in [min, max]: kappa in [PADDING, bins - PADDING], so the four
         # bins of the window stay inside the histogram
         kappa = np.clip((mval - self.moving_min) / self.moving_width + PADDING, PADDING, bins - PADDING - 1e-9)
@@ -256,7 +303,8 @@ class MattesMetric:
         return out
 
 
-def register_rigid_mattes(fixed: sitk.Image, mask: sitk.Image | None, moving: sitk.Image, fixed_to_moving: np.ndarray,
+def register_rigid_mattes(fixed: sitk.Image, mask: sitk.Image | None, moving: sitk.Image | MovingTable,
+                          fixed_to_moving: np.ndarray,
                           *, samples: int, bins: int, seed: int, learning_rate: float, relaxation: float,
                           min_step: float, max_iterations: int, gradient_tolerance: float = 1e-8) -> MattesRun:
     """Maximise Mattes mutual information over rigid maps, from ``fixed_to_moving`` (4x4,
@@ -372,4 +420,4 @@ class ForkedCall:
         return self._fn()
 
 
-__all__ = ["ForkedCall", "MattesMetric", "MattesRun", "register_rigid_mattes"]
+__all__ = ["ForkedCall", "MattesMetric", "MattesRun", "MovingTable", "register_rigid_mattes"]

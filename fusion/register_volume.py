@@ -56,7 +56,7 @@ import SimpleITK as sitk
 
 from fusion.errors import RegistrationError
 from fusion.gates import VolumeGateThresholds
-from fusion.mattes import ForkedCall, register_rigid_mattes
+from fusion.mattes import ForkedCall, MovingTable, register_rigid_mattes
 from fusion.records import QualityCheck, Verdict
 from fusion.volume import Volume, volume_to_sitk
 
@@ -684,6 +684,9 @@ def register_volumes(
         if edge_voxels < params.edge_samples:  # a nearly flat image: sample the body instead
             edge_mask = None
 
+    # the numpy engine's view of the finest moving image, built once for all its runs
+    moving_table = (MovingTable(levels[-1][1]) if cross_modality and edge_mask is None
+                    and params.cross_modality_final_engine == "numpy" else None)
     timings["pyramid"] = time.perf_counter() - t_pyr
 
     # the finest level's fixed image and sampling mask, cropped to the moving field of view
@@ -717,8 +720,8 @@ def register_volumes(
                     samples = params.cross_modality_final_samples
                     bins, relaxation = params.cross_modality_final_bins, params.cross_modality_final_relaxation
                     min_step = params.cross_modality_final_min_step
-            if finest and cross_modality and edge_mask is None and params.cross_modality_final_engine == "numpy":
-                run = register_rigid_mattes(fl, mk, ml, _matrix_of(t), samples=samples, bins=bins, seed=run_seed,
+            if finest and moving_table is not None:
+                run = register_rigid_mattes(fl, mk, moving_table, _matrix_of(t), samples=samples, bins=bins, seed=run_seed,
                                             learning_rate=params.final_learning_rate, relaxation=relaxation,
                                             min_step=min_step, max_iterations=params.max_iterations)
                 t, metric, stop, its = _euler_from_matrix(run.fixed_to_moving, centre), run.metric, \
@@ -785,8 +788,7 @@ def register_volumes(
             pert[:3, :3] = R
             pert[:3, 3] = box_c - R @ box_c + shift  # rotate about the overlap centre, then shift
             runs.append((best_f2m @ pert, seed + 1 + k))
-    numpy_finest = (next_level == len(levels) - 1 and cross_modality and edge_mask is None
-                    and params.cross_modality_final_engine == "numpy")
+    numpy_finest = next_level == len(levels) - 1 and moving_table is not None
     if numpy_finest and params.parallel_runs > 1 and len(runs) > 1:
         # numpy runs would serialise on the GIL in threads: the restarts run in forked
         # children (pure numpy work there), the main run here, at the same time

@@ -197,3 +197,20 @@ def test_ct_mr_result_does_not_depend_on_running_restarts_in_children(small_set)
     assert forked.overlap_box_fixed is not None
     gap = max_corner_displacement_mm(forked.matrix_moving_to_fixed, itk.matrix_moving_to_fixed, forked.overlap_box_fixed)
     assert gap < 0.25, gap
+
+
+def test_samples_are_drawn_inside_the_mask_dense_or_sparse():
+    from fusion.errors import RegistrationError
+    from fusion.mattes import _draw_from_mask
+
+    dense = np.zeros(10000, np.uint8)
+    dense[2000:9000] = 1
+    sparse = np.zeros(10000, np.uint8)
+    sparse[[3, 500, 7777]] = 1  # rejection gives up: drawn from the list of its voxels
+    for mask in (dense, sparse):
+        a = _draw_from_mask(mask, 5000, np.random.default_rng(1))
+        b = _draw_from_mask(mask, 5000, np.random.default_rng(1))
+        assert len(a) == 5000 and np.array_equal(a, b) and np.all(mask[a] == 1)
+    assert set(_draw_from_mask(sparse, 5000, np.random.default_rng(2)).tolist()) == {3, 500, 7777}
+    with pytest.raises(RegistrationError, match="empty"):
+        _draw_from_mask(np.zeros(100, np.uint8), 10, np.random.default_rng(0))

@@ -521,17 +521,27 @@ class FastDataPhase:
         if inc.fd >= 0 and inc.size > inc._writeback_from:  # the tail, while the checks run
             start_writeback(inc.fd, inc._writeback_from, inc.size - inc._writeback_from)
             inc._writeback_from = inc.size
+        # The network timeout measures the peer's silence, not our work: this thread stores
+        # while pynetdicom's association thread watches the idle timer, so the timer is held
+        # (restarted and stopped: it cannot expire) until the answer is out. A store slowed
+        # past the timeout by a disk stall otherwise aborted the association unanswered.
+        timer = self.dul._idle_timer
+        timer.restart()
+        timer.stop()
         try:
-            status = self.on_store(inc)
-        finally:
             try:
-                inc.close()
-            except OSError:
-                pass
-        if TRACE is not None:
-            TRACE("stored")
-        self._send(inc.context_id, encode_response(C_STORE_RSP, inc.message_id, status, inc.sop_class_uid,
-                                                   inc.sop_instance_uid))
+                status = self.on_store(inc)
+            finally:
+                try:
+                    inc.close()
+                except OSError:
+                    pass
+            if TRACE is not None:
+                TRACE("stored")
+            self._send(inc.context_id, encode_response(C_STORE_RSP, inc.message_id, status, inc.sop_class_uid,
+                                                       inc.sop_instance_uid))
+        finally:
+            timer.restart()
         self.stats["c_store"] += 1
         if TRACE is not None:
             TRACE("response_sent")

@@ -21,13 +21,13 @@ from pynetdicom.dimse_messages import C_CANCEL_RQ, C_ECHO_RQ, C_FIND_RQ, C_STORE
 from pynetdicom.dimse_primitives import C_CANCEL, C_ECHO, C_FIND, C_STORE
 from pynetdicom.dsutils import create_file_meta, decode, write_file_meta_info
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.timer import Timer
 
 import dicom_node.server as server
 from dicom_node import fastpath, storage
 from dicom_node.fastpath import FastDataPhase, encode_file_meta, encode_response, p_data_tf, parse_command
 from dicom_node.server import DicomNode
 from dicom_node.settings import NodeSettings, StabilitySettings
-from dicom_node.status import Status
 from node_support import (
     CT,
     UID_ROOT,
@@ -193,7 +193,7 @@ def _fake_dul(sock: _TrickleSocket, tmp_path: Path):  # type: ignore[no-untyped-
         requestor=types.SimpleNamespace(maximum_length=0, ae_title="TRICKLE"))
     return types.SimpleNamespace(
         assoc=assoc, socket=types.SimpleNamespace(socket=sock), event_queue=queue.Queue(),
-        _recv_pdu=queue.Queue(), _idle_timer=types.SimpleNamespace(restart=lambda: None))
+        _recv_pdu=queue.Queue(), _idle_timer=Timer(30.0))
 
 
 def _responses(sent: bytes) -> list:  # type: ignore[no-untyped-def]

@@ -402,3 +402,34 @@ def test_silent_connection_is_closed_after_the_acse_timeout(tmp_path):
             assert time.monotonic() - t0 < 8
     finally:
         n.close()
+
+
+def test_a_store_slower_than_the_network_timeout_is_answered_and_the_association_goes_on(node, tmp_path, monkeypatch):
+    """The network timeout (1 s here) measures the peer's silence, not our own work: a store
+    that takes longer (a disk stall in the fsyncs or the audit write) is still answered and
+    the association stays up. (The fast data phase stores on the DUL thread while the
+    association thread watches the idle timer: it once aborted the association under a
+    CI run's disk stall before the answer went out.)"""
+    import dicom_node.server as server
+
+    slow_once = {"left": 1}
+    real = server.inspect_received
+
+    def slow(*a, **k):  # type: ignore[no-untyped-def]
+        if slow_once["left"]:
+            slow_once["left"] -= 1
+            time.sleep(2.0)
+        return real(*a, **k)
+
+    monkeypatch.setattr(server, "inspect_received", slow)
+    series = make_ct_series(tmp_path / "s", 2, seed=8)
+    assoc = scu_associate(node.port)
+    try:
+        rsp = assoc.send_c_store(series[0])
+        assert rsp is not None and rsp.Status == 0
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0
+        assert assoc.send_c_store(series[1]).Status == 0
+    finally:
+        assoc.release()
+    assert node.index.count() == 2

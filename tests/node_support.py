@@ -10,7 +10,7 @@ import os
 import shutil
 import struct
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -21,6 +21,9 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF
 
 from conftest import dcmtk  # noqa: F401 - re-exported: the node tests import it from here
+
+if TYPE_CHECKING:
+    from dicom_node.server import DicomNode
 
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -252,3 +255,18 @@ def make_pki(tmp_path: Path) -> dict[str, Path]:
         write_key(name, key)
         write_cert(name, builder.sign(ca_key, hashes.SHA256()))
     return out
+
+
+def running_node(tmp_path: Path, network_timeout_s: float) -> Iterator["DicomNode"]:
+    """A started DicomNode on an ephemeral port with its data in ``tmp_path / "data"``
+    (short timeouts for tests), closed afterwards: ``yield from`` it in a fixture."""
+    from dicom_node.server import DicomNode
+    from dicom_node.settings import NodeSettings, StabilitySettings
+
+    n = DicomNode(NodeSettings(port=0, network_timeout_s=network_timeout_s, dimse_timeout_s=5.0, acse_timeout_s=5.0),
+                  StabilitySettings(check_interval_s=0.1), tmp_path / "data")
+    n.start()
+    try:
+        yield n
+    finally:
+        n.close()

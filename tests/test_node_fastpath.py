@@ -38,6 +38,7 @@ from node_support import (
     dcmtk,
     dcmtk_env,
     make_ct_series,
+    running_node,
     scu_associate,
     stored_files,
     temp_files,
@@ -129,11 +130,7 @@ def wait_for(predicate, timeout_s: float = 10.0) -> bool:  # type: ignore[no-unt
 
 @pytest.fixture
 def node(tmp_path):
-    n = DicomNode(NodeSettings(port=0, network_timeout_s=2.0, dimse_timeout_s=5.0, acse_timeout_s=5.0),
-                  StabilitySettings(check_interval_s=0.1), tmp_path / "data")
-    n.start()
-    yield n
-    n.close()
+    yield from running_node(tmp_path, network_timeout_s=2.0)
 
 
 # -- encoders against pynetdicom's -------------------------------------------------------------

@@ -33,6 +33,7 @@ from node_support import (
     dcmtk_env,
     make_ct_series,
     make_pki,
+    running_node,
     scu_associate,
     sop_uid_of,
     stall_store,
@@ -44,11 +45,7 @@ from node_support import (
 
 @pytest.fixture
 def node(tmp_path):
-    n = DicomNode(NodeSettings(port=0, network_timeout_s=1.0, dimse_timeout_s=5.0, acse_timeout_s=5.0),
-                  StabilitySettings(check_interval_s=0.1), tmp_path / "data")
-    n.start()
-    yield n
-    n.close()
+    yield from running_node(tmp_path, network_timeout_s=1.0)
 
 
 def _write_raw(path: Path, sop_class: str, sop_inst: str, body: bytes,

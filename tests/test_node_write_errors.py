@@ -14,18 +14,14 @@ from pydicom import dcmread
 
 from dicom_node import fastpath, storage
 from dicom_node.server import DicomNode
-from dicom_node.settings import NodeSettings, StabilitySettings
 from dicom_node.status import Status
-from node_support import dataset_sha256, make_ct_series, scu_associate, sop_uid_of, stored_files, temp_files
+from node_support import (dataset_sha256, make_ct_series, running_node, scu_associate, sop_uid_of, stored_files,
+                          temp_files)
 
 
 @pytest.fixture
 def node(tmp_path):
-    n = DicomNode(NodeSettings(port=0, network_timeout_s=2.0, dimse_timeout_s=5.0, acse_timeout_s=5.0),
-                  StabilitySettings(check_interval_s=0.1), tmp_path / "data")
-    n.start()
-    yield n
-    n.close()
+    yield from running_node(tmp_path, network_timeout_s=2.0)
 
 
 def _incoming(fd: int) -> bool:

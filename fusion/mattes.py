@@ -389,6 +389,20 @@ class ForkedCall:
         os.close(write_fd)
         self._pid, self._read_fd = pid, read_fd
 
+    def cancel(self) -> None:
+        """Stop the child (if any) and reap it; :meth:`result` must not be called after."""
+        import os
+        import signal
+
+        if self._pid:
+            pid, self._pid = self._pid, 0
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.waitpid(pid, 0)
+            os.close(self._read_fd)
+
     def result(self) -> object:
         import os
         import pickle

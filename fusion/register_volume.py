@@ -793,7 +793,13 @@ def register_volumes(
         # numpy runs would serialise on the GIL in threads: the restarts run in forked
         # children (pure numpy work there), the main run here, at the same time
         children = [ForkedCall(lambda st=st: refine(st[0], st[1], next_level)) for st in runs[1:]]
-        finals = [refine(runs[0][0], runs[0][1], next_level)] + [c.result() for c in children]  # type: ignore[misc]
+        try:
+            main_run = refine(runs[0][0], runs[0][1], next_level)
+        except BaseException:
+            for child in children:
+                child.cancel()
+            raise
+        finals = [main_run] + [c.result() for c in children]  # type: ignore[misc]
     else:
         # (all at once even beyond parallel_runs: three runs on two cores end sooner than two rounds)
         finals = pmap(lambda st: refine(st[0], st[1], next_level), runs, params.refine_threads,

@@ -214,3 +214,24 @@ def test_samples_are_drawn_inside_the_mask_dense_or_sparse():
     assert set(_draw_from_mask(sparse, 5000, np.random.default_rng(2)).tolist()) == {3, 500, 7777}
     with pytest.raises(RegistrationError, match="empty"):
         _draw_from_mask(np.zeros(100, np.uint8), 10, np.random.default_rng(0))
+
+
+def test_a_cancelled_forked_call_leaves_no_child():
+    import os
+    import time
+
+    from fusion.mattes import ForkedCall
+
+    parent = os.getpid()
+
+    def slow() -> int:
+        if os.getpid() != parent:
+            time.sleep(30)
+        return 1
+
+    call = ForkedCall(slow)
+    pid = call._pid
+    assert pid
+    call.cancel()
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reaped already

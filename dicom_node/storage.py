@@ -221,19 +221,13 @@ class InstanceStore:
         return final_path
 
     def _take_back(self, final_path: Path) -> None:
-        """Remove a file just renamed into place whose directory could not be fsync'd:
-        the commit fails, so the file must not stay (a restart would index it)."""
+        """Remove (:meth:`remove`) a file just renamed into place whose directory could not
+        be fsync'd: the commit fails, so the file must not stay (a restart would index it).
+        Best effort: the commit's own error is the one raised."""
         try:
-            os.unlink(final_path)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            LOG.error("cannot remove %s after its directory failed to sync: %s", final_path, exc)
-            return
-        try:
-            fsync_dir(final_path.parent)
-        except OSError as exc:
-            LOG.warning("cannot sync %s after removing %s: %s", final_path.parent, final_path.name, exc)
+            self.remove(final_path)
+        except (OSError, StorageError) as exc:
+            LOG.error("cannot take back %s after its directory failed to sync: %s", final_path, exc)
 
     def _make_dirs(self, directory: Path) -> None:
         missing: list[Path] = []

@@ -242,7 +242,7 @@ class FastDataPhase:
         # the next C-STORE's temporary file, created while the peer prepares it (creating a
         # file right after the fsyncs of the previous one costs a few tenths of a ms)
         self._spare: tuple[Path, int] | None = None
-        self.stats = {"c_store": 0, "c_echo": 0}
+        self.stats = {"c_store": 0, "c_echo": 0}  # requests decided and answered here
 
     @property
     def partial_path(self) -> Path | None:
@@ -446,8 +446,8 @@ class FastDataPhase:
             if dataset_type != NO_DATASET or _service_class(sop_class) is not VerificationServiceClass:
                 return False
             status = self.on_echo()
+            self.stats["c_echo"] += 1  # before the answer: a peer that got it may read the count
             self._send(context_id, encode_response(C_ECHO_RSP, message_id, status, sop_class))
-            self.stats["c_echo"] += 1
             return True
         if command_field != C_STORE_RQ or dataset_type == NO_DATASET:
             return False
@@ -538,11 +538,12 @@ class FastDataPhase:
                     pass
             if TRACE is not None:
                 TRACE("stored")
+            # counted before the answer goes out: whoever has the answer sees the count
+            self.stats["c_store"] += 1
             self._send(inc.context_id, encode_response(C_STORE_RSP, inc.message_id, status, inc.sop_class_uid,
                                                        inc.sop_instance_uid))
         finally:
             timer.restart()
-        self.stats["c_store"] += 1
         if TRACE is not None:
             TRACE("response_sent")
         self._prepare_spare()

@@ -12,9 +12,12 @@ whole ``dentfuse serve`` application (``serve``) and diagnosis variants.
 
 Series are generated once (seeded) and cached in ``bench/data/`` (git-ignored). Each
 receiver gets an empty directory under ``--work-dir`` for each send (same file system
-for all). Throughput is the series' file bytes (MB = 10^6 bytes) over the wall time of
-the ``storescu`` run (association to release). Peak memory is the highest RSS of the
-receiver's process tree, polled every 10 ms with psutil during the send.
+for all), kept until the bench ends; every send starts after a ``sync``. Throughput is the
+series' file bytes (MB = 10^6 bytes) over the wall time of the ``storescu`` run
+(association to release). Peak memory is the highest RSS of the receiver's process tree,
+polled every 10 ms with psutil during the send. The ratio to storescp is printed from the
+medians and round by round (each run against the storescp run of its round: on a VM whose
+disk speed drifts, the pairs share the machine's state).
 
 Nagle's algorithm: dcmtk reads the environment variable ``TCP_NODELAY`` (``1`` disables
 Nagle on its sockets; this is what makes dcmtk fast on loopback). By default the bench sets
@@ -390,11 +393,37 @@ class Run:
     peak_rss_mb: float
     baseline_rss_mb: float
     received: int
+    round: int = 0  # which repetition (the receivers of one round run back to back)
+
+
+# Received files stay until the bench ends (removed by clean_up) instead of being deleted
+# between sends: ext4 passes over recently freed inodes when it allocates new ones, and
+# creating 400 files of 525 KB (each fdatasync'd) right after deleting 400 took 0.32 ms per
+# file (median; 0.27 ms when nothing had been deleted), for every receiver alike.
+_LEFT: list[Path] = []
+
+
+def leave(workdir: Path) -> None:
+    """Remove ``workdir`` when the bench ends, not now (see _LEFT)."""
+    _LEFT.append(workdir)
+
+
+def clean_up() -> None:
+    for d in _LEFT:
+        shutil.rmtree(d, ignore_errors=True)
+    _LEFT.clear()
+
+
+def settle() -> None:
+    """Flush every dirty page (``sync``) so a measurement does not share the disk with the
+    write-back of the one before (storescp's files are still in the page cache)."""
+    os.sync()
 
 
 def send_once(receiver: Receiver, series_dir: Path, files: list[Path], total_bytes: int, work_root: Path,
               env: dict[str, str]) -> Run:
     workdir = Path(tempfile.mkdtemp(prefix=f"{receiver.name}-", dir=work_root))
+    settle()
     proc, port = receiver.start(workdir, env)
     try:
         cmd = [dcmtk("storescu"), "-aet", "BENCHSCU", "-aec", receiver.ae_title, "127.0.0.1", str(port),
@@ -408,7 +437,7 @@ def send_once(receiver: Receiver, series_dir: Path, files: list[Path], total_byt
         received = receiver.count(workdir)
     finally:
         stop(proc)
-        shutil.rmtree(workdir, ignore_errors=True)
+        leave(workdir)
     return Run(receiver.name, series_dir.name, seconds, total_bytes / 1e6 / seconds, len(files) / seconds,
                rss.peak / 2**20, rss.baseline / 2**20, received)
 
@@ -433,6 +462,7 @@ def store_path_floor(files: list[Path], work_root: Path) -> tuple[float, float, 
         return run
 
     workdir = Path(tempfile.mkdtemp(prefix="floor-", dir=work_root))
+    settle()
     storage.fsync_file, storage.fsync_dir = timed("fsync_file"), timed("fsync_dir")
     try:
         store = storage.InstanceStore(workdir)
@@ -459,7 +489,7 @@ def store_path_floor(files: list[Path], work_root: Path) -> tuple[float, float, 
         index.close()
     finally:
         storage.fsync_file, storage.fsync_dir = real["fsync_file"], real["fsync_dir"]
-        shutil.rmtree(workdir, ignore_errors=True)
+        leave(workdir)
     n = len(files)
     ms = {k: 1000 * v / n for k, v in spent.items()}
     ms["checks+sha256+rename"] = 1000 * total / n - sum(ms.values())
@@ -472,6 +502,7 @@ def disk_floor(files: list[Path], work_root: Path) -> tuple[float, dict[str, flo
     directory (what every acknowledged instance costs at least). Returns (seconds, ms per
     instance by step)."""
     workdir = Path(tempfile.mkdtemp(prefix="floor-disk-", dir=work_root))
+    settle()
     spent = {"create": 0.0, "write": 0.0, "fdatasync": 0.0, "rename+dir fsync": 0.0}
     try:
         final_dir = workdir / "final"
@@ -498,7 +529,7 @@ def disk_floor(files: list[Path], work_root: Path) -> tuple[float, dict[str, flo
         finally:
             os.close(dfd)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        leave(workdir)
     return sum(spent.values()), {k: 1000 * v / len(files) for k, v in spent.items()}
 
 
@@ -530,6 +561,7 @@ def timeline(series_dir: Path, work_root: Path, env: dict[str, str]) -> None:
     storage.sync_fd = timed("fdatasync(file)", storage.sync_fd)
     storage.fsync_dir = timed("fsync(directory)", storage.fsync_dir)
     workdir = Path(tempfile.mkdtemp(prefix="timeline-", dir=work_root))
+    settle()
     try:
         node = server.DicomNode(NodeSettings(ae_title="DENTFUSE", port=0), StabilitySettings(), workdir)
         node.index.add = timed("index commit", node.index.add)  # type: ignore[method-assign]
@@ -541,7 +573,7 @@ def timeline(series_dir: Path, work_root: Path, env: dict[str, str]) -> None:
         node.close()
     finally:
         fastpath.TRACE, storage.sync_fd, storage.fsync_dir = saved
-        shutil.rmtree(workdir, ignore_errors=True)
+        leave(workdir)
     phases: dict[str, list[float]] = {
         "receive the dataset (command to last PDV)": [],
         "store: checks, fdatasync, rename, dir fsync, index": [],
@@ -636,6 +668,7 @@ def main() -> int:
         for i in range(args.repeat):
             for rcv in receivers:
                 run = send_once(rcv, series_dir, files, total, args.work_dir, env)
+                run.round = i + 1
                 ok = "" if run.received in (len(files), -1) else f"  ONLY {run.received} of {len(files)} RECEIVED"
                 print(f"  run {i + 1} {run.receiver:9s} {run.seconds:6.2f} s {run.mb_per_s:7.1f} MB/s "
                       f"{run.instances_per_s:7.1f} inst/s  peak RSS {run.peak_rss_mb:6.0f} MB "
@@ -655,6 +688,13 @@ def main() -> int:
         for name, (mbs, ips, rss) in med.items():
             ratio = f"{mbs / base:.2f}x" if base else "-"
             print(f"  {sname:24s} {name:9s} {mbs:8.1f} {ips:8.1f} {rss:12.0f} {ratio:>12s}")
+        scp = {r.round: r.mb_per_s for r in runs if r.series == sname and r.receiver == "storescp"}
+        for name in med:
+            ratios = sorted(r.mb_per_s / scp[r.round] for r in runs
+                            if r.series == sname and r.receiver == name and name != "storescp" and r.round in scp)
+            if ratios:  # each run against the storescp run of the same round (same machine state)
+                print(f"  {'':24s} {name} / storescp, round by round: median {statistics.median(ratios):.2f}x "
+                      f"(min {ratios[0]:.2f}x, max {ratios[-1]:.2f}x, {len(ratios)} rounds)")
         if "dentfuse" in med and "orthanc" in med:
             print(f"  {'':24s} dentfuse / orthanc: {med['dentfuse'][0] / med['orthanc'][0]:.2f}x")
     if args.json_out:
@@ -663,4 +703,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    finally:
+        clean_up()

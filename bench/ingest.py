@@ -12,7 +12,7 @@ whole ``dentfuse serve`` application (``serve``) and diagnosis variants.
 
 Series are generated once (seeded) and cached in ``bench/data/`` (git-ignored). Each
 receiver gets an empty directory under ``--work-dir`` for each send (same file system
-for all), kept until the bench ends; every send starts after a ``sync``. Throughput is the
+for all), removed right after the send; every send starts after a ``sync``. Throughput is the
 series' file bytes (MB = 10^6 bytes) over the wall time of the ``storescu`` run
 (association to release). Peak memory is the highest RSS of the receiver's process tree,
 polled every 10 ms with psutil during the send. The ratio to storescp is printed from the
@@ -396,27 +396,9 @@ class Run:
     round: int = 0  # which repetition (the receivers of one round run back to back)
 
 
-# Received files stay until the bench ends (removed by clean_up) instead of being deleted
-# between sends: ext4 passes over recently freed inodes when it allocates new ones, and
-# creating 400 files of 525 KB (each fdatasync'd) right after deleting 400 took 0.32 ms per
-# file (median; 0.27 ms when nothing had been deleted), for every receiver alike.
-_LEFT: list[Path] = []
-
-
-def leave(workdir: Path) -> None:
-    """Remove ``workdir`` when the bench ends, not now (see _LEFT)."""
-    _LEFT.append(workdir)
-
-
-def clean_up() -> None:
-    for d in _LEFT:
-        shutil.rmtree(d, ignore_errors=True)
-    _LEFT.clear()
-
-
 def settle() -> None:
-    """Flush every dirty page (``sync``) so a measurement does not share the disk with the
-    write-back of the one before (storescp's files are still in the page cache)."""
+    """``sync`` before a measurement: it starts with no dirty pages and no journal work
+    left from the one before (each run's files are deleted right after it)."""
     os.sync()
 
 
@@ -437,7 +419,7 @@ def send_once(receiver: Receiver, series_dir: Path, files: list[Path], total_byt
         received = receiver.count(workdir)
     finally:
         stop(proc)
-        leave(workdir)
+        shutil.rmtree(workdir, ignore_errors=True)
     return Run(receiver.name, series_dir.name, seconds, total_bytes / 1e6 / seconds, len(files) / seconds,
                rss.peak / 2**20, rss.baseline / 2**20, received)
 
@@ -489,7 +471,7 @@ def store_path_floor(files: list[Path], work_root: Path) -> tuple[float, float, 
         index.close()
     finally:
         storage.fsync_file, storage.fsync_dir = real["fsync_file"], real["fsync_dir"]
-        leave(workdir)
+        shutil.rmtree(workdir, ignore_errors=True)
     n = len(files)
     ms = {k: 1000 * v / n for k, v in spent.items()}
     ms["checks+sha256+rename"] = 1000 * total / n - sum(ms.values())
@@ -529,7 +511,7 @@ def disk_floor(files: list[Path], work_root: Path) -> tuple[float, dict[str, flo
         finally:
             os.close(dfd)
     finally:
-        leave(workdir)
+        shutil.rmtree(workdir, ignore_errors=True)
     return sum(spent.values()), {k: 1000 * v / len(files) for k, v in spent.items()}
 
 
@@ -573,7 +555,7 @@ def timeline(series_dir: Path, work_root: Path, env: dict[str, str]) -> None:
         node.close()
     finally:
         fastpath.TRACE, storage.sync_fd, storage.fsync_dir = saved
-        leave(workdir)
+        shutil.rmtree(workdir, ignore_errors=True)
     phases: dict[str, list[float]] = {
         "receive the dataset (command to last PDV)": [],
         "store: checks, fdatasync, rename, dir fsync, index": [],
@@ -703,7 +685,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    finally:
-        clean_up()
+    sys.exit(main())

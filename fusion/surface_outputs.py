@@ -9,7 +9,6 @@ CBCT's header) or from explicit identifiers (``patient_ids``) when there is none
 from __future__ import annotations
 
 import datetime as _dt
-import io
 import logging
 from pathlib import Path
 from typing import Iterable, Mapping
